@@ -1,0 +1,63 @@
+"""DDIM inversion of a reference latent and the per-step pinning of the reference row.
+
+As StyleAligned's `inversion.py`: timesteps ascending, the noise predicted with CFG (2 by
+default) at the *next* timestep from the current latent, and the deterministic DDIM update
+z_next = sqrt(a_next) * x0_hat + sqrt(1 - a_next) * eps. Latents here are on the VP scale the
+UNet sees (ComfyUI's model input after `calculate_input`, diffusers' scheduler latents).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+NoisePrediction = Callable[[torch.Tensor, int], torch.Tensor]
+
+INVERSION_GUIDANCE = 2.0
+PIN_OFFSET = 5
+
+
+def ddim_timesteps(steps: int, train_steps: int = 1000, steps_offset: int = 1) -> list[int]:
+    """diffusers' DDIM "leading" spacing, descending: 981, 961, ..., 1 for 50 steps."""
+    if not 1 <= steps <= train_steps:
+        raise ValueError(f"steps must be in 1..{train_steps}, got {steps}")
+    ratio = train_steps // steps
+    return [i * ratio + steps_offset for i in reversed(range(steps))]
+
+
+def ddim_invert(latent: torch.Tensor, predict_noise: NoisePrediction, alphas_cumprod: torch.Tensor,
+                timesteps: Sequence[int], final_alpha_cumprod: float | None = None) -> torch.Tensor:
+    """Invert a clean latent along `timesteps` (descending, as a sampler lists them).
+
+    Returns the trajectory `zts` with `zts[0]` the noisiest latent and `zts[-1]` the input, so
+    `zts[i]` is the latent at denoising step i. `final_alpha_cumprod` is used below t=0
+    (diffusers' `set_alpha_to_one=False` gives `alphas_cumprod[0]`, the default).
+    """
+    final = float(alphas_cumprod[0]) if final_alpha_cumprod is None else final_alpha_cumprod
+    stride = timesteps[0] - timesteps[1] if len(timesteps) > 1 else 1000
+    trajectory = [latent]
+    z = latent
+    for t in reversed(timesteps):
+        t_current = min(t - stride, 999)
+        a_current = float(alphas_cumprod[t_current]) if t_current >= 0 else final
+        a_next = float(alphas_cumprod[t])
+        eps = predict_noise(z, t)
+        x0 = (z - (1 - a_current) ** 0.5 * eps) / a_current ** 0.5
+        z = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+        trajectory.append(z)
+    return torch.stack(trajectory).flip(0)
+
+
+def pinned_step(step: int, offset: int = PIN_OFFSET) -> int:
+    """Which trajectory latent the reference row holds at denoising step `step`.
+
+    The original starts the reference from `zts[offset]` and after step i overwrites it with
+    `zts[max(offset + 1, i + 1)]`: the input of step s >= 1 is `zts[max(offset + 1, s)]`.
+    """
+    return offset if step == 0 else max(offset + 1, step)
+
+
+def nearest_step(timestep: float, timesteps: Sequence[int]) -> int:
+    """Index of the inversion timestep nearest to a sampler's (continuous) timestep."""
+    return min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - timestep))

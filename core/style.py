@@ -1,0 +1,255 @@
+"""StyleAligned (Hertz et al. 2023): shared self-attention, AdaIN on q/k/v, shared GroupNorm.
+
+Tensors are laid out as the hosts hand them to an attention replacement: `(batch, tokens,
+heads * head_dim)`. AdaIN statistics are per channel over tokens, so this flat layout gives the
+same numbers as the original's `(batch, heads, tokens, head_dim)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
+
+from .chunks import ChunkLayout
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+
+ADAIN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class StyleAlignedArgs:
+    """Every field of the original `StyleAlignedArgs`, with its defaults.
+
+    The original writes `share_layer_norm: bool = True,` whose trailing comma makes the default the
+    tuple `(True,)`; either way sharing a LayerNorm is a no-op (it normalises over channels and the
+    original concatenates along tokens), so the field is accepted and has no effect here.
+    """
+
+    share_group_norm: bool = True
+    share_layer_norm: bool = True
+    share_attention: bool = True
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    full_attention_share: bool = False
+    shared_score_scale: float = 1.0
+    shared_score_shift: float = 0.0
+    only_self_level: float = 0.0
+
+    @property
+    def adain(self) -> AdaINSettings | None:
+        # The original's full-share path runs the default processor, without AdaIN.
+        settings = AdaINSettings(self.adain_queries, self.adain_keys, self.adain_values)
+        return None if self.full_attention_share or not settings.any else settings
+
+    @property
+    def share(self) -> ShareSettings | None:
+        if self.full_attention_share:
+            return ShareSettings(full_attention=True)
+        if not self.share_attention:
+            return None
+        return ShareSettings(self.shared_score_scale, self.shared_score_shift)
+
+
+@dataclass(frozen=True)
+class AdaINSettings:
+    queries: bool = True
+    keys: bool = True
+    values: bool = False
+    strength: float = 1.0  # 1 is the paper's AdaIN; lower values move only part of the way
+
+    @property
+    def any(self) -> bool:
+        return self.queries or self.keys or self.values
+
+
+@dataclass(frozen=True)
+class ShareSettings:
+    score_scale: float = 1.0
+    score_shift: float = 0.0
+    full_attention: bool = False
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention on `(B, N, h*d)` tensors; `bias` is added to the logits."""
+    batch, _, width = q.shape
+    head_dim = width // heads
+    split = lambda t: t.view(batch, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
+    return out.transpose(1, 2).reshape(batch, -1, width)
+
+
+def token_mean_std(x: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over tokens (dim -2) per channel; unbiased variance plus eps, as the original."""
+    mean = x.mean(dim=-2, keepdim=True)
+    std = (x.var(dim=-2, keepdim=True) + eps).sqrt()
+    return mean, std
+
+
+def adain(x: torch.Tensor, reference_of_row: torch.Tensor) -> torch.Tensor:
+    """Give every row the token statistics of its reference row (a reference maps onto itself)."""
+    mean, std = token_mean_std(x)
+    return (x - mean) / std * std[reference_of_row] + mean[reference_of_row]
+
+
+def adain_targets(x: torch.Tensor, layout: ChunkLayout, strength: float = 1.0) -> torch.Tensor:
+    """`adain` on the target rows only: the reference rows are returned exactly as they are.
+
+    `strength` interpolates between a row (0) and its AdaIN toward the reference (1).
+    """
+    targets = layout.target_rows
+    refs = layout.reference_of_row(x.device)[targets]
+    mean, std = token_mean_std(x[targets])
+    ref_mean, ref_std = token_mean_std(x[refs])
+    out = x.clone()
+    normalised = (x[targets] - mean) / std * ref_std + ref_mean
+    out[targets] = normalised if strength == 1.0 else torch.lerp(x[targets], normalised, strength)
+    return out
+
+
+def reference_bias(tokens: int, reference_tokens: int, score_shift: float, device: torch.device) -> torch.Tensor:
+    """Additive logits bias: 0 on a row's own keys, `score_shift` on the appended reference keys."""
+    bias = torch.zeros(1, 1, 1, tokens + reference_tokens, device=device)
+    bias[..., tokens:] = score_shift
+    return bias
+
+
+def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
+                     share: ShareSettings, attention: Attention = sdpa_attention) -> torch.Tensor:
+    """Self-attention where each target row also attends to its reference's keys and values.
+
+    A reference attending to its own keys twice equals attending once (and neither the scale nor
+    the shift changes it), so only target rows pay for the extra keys: the FLOP floor.
+    """
+    if share.full_attention:
+        return full_shared_attention(q, k, v, heads, layout, attention)
+    out = torch.empty_like(q)
+    refs = layout.reference_rows
+    out[refs] = attention(q[refs], k[refs], v[refs], heads, None)
+    targets = layout.target_rows
+    if targets:
+        reference_of_row = layout.reference_of_row(q.device)[targets]
+        ref_k = k[reference_of_row]
+        keys = torch.cat([k[targets], ref_k * share.score_scale if share.score_scale != 1.0 else ref_k], dim=1)
+        values = torch.cat([v[targets], v[reference_of_row]], dim=1)
+        bias = reference_bias(k.shape[1], k.shape[1], share.score_shift, q.device) if share.score_shift else None
+        out[targets] = attention(q[targets], keys, values, heads, bias)
+    return out
+
+
+def shared_attention_full_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
+                                share: ShareSettings, attention: Attention = sdpa_attention) -> torch.Tensor:
+    """The original's formulation: every row, reference included, gets `2N` keys.
+
+    Used when attention is delegated to another pack's replacement, which expects the whole batch.
+    """
+    if share.full_attention:
+        return full_shared_attention(q, k, v, heads, layout, attention)
+    reference_of_row = layout.reference_of_row(q.device)
+    ref_k = k[reference_of_row]
+    if share.score_scale != 1.0:
+        # The original leaves the reference's own appended copy unscaled.
+        scale = torch.full((q.shape[0], 1, 1), share.score_scale, device=q.device, dtype=k.dtype)
+        scale[layout.reference_rows] = 1.0
+        ref_k = ref_k * scale
+    keys = torch.cat([k, ref_k], dim=1)
+    values = torch.cat([v, v[reference_of_row]], dim=1)
+    bias = reference_bias(k.shape[1], k.shape[1], share.score_shift, q.device) if share.score_shift else None
+    return attention(q, keys, values, heads, bias)
+
+
+def full_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
+                          attention: Attention = sdpa_attention) -> torch.Tensor:
+    """`full_attention_share`: all images of a chunk attend jointly, as one long sequence."""
+    tokens = q.shape[1]
+    joined = lambda t: t.reshape(layout.chunks, layout.rows_per_chunk * tokens, t.shape[-1])  # noqa: E731
+    out = attention(joined(q), joined(k), joined(v), heads, None)
+    return out.reshape(q.shape[0], tokens, -1)
+
+
+def style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
+                    adain_settings: AdaINSettings | None, share: ShareSettings | None,
+                    attention: Attention = sdpa_attention, full_batch: bool = False) -> torch.Tensor:
+    """One StyleAligned self-attention layer on projected q, k, v (`SharedAttentionProcessor`)."""
+    if adain_settings is not None and layout.target_rows:
+        strength = adain_settings.strength
+        if adain_settings.queries:
+            q = adain_targets(q, layout, strength)
+        if adain_settings.keys:
+            k = adain_targets(k, layout, strength)
+        if adain_settings.values:
+            v = adain_targets(v, layout, strength)
+    if share is None:
+        return attention(q, k, v, heads, None)
+    if full_batch:
+        return shared_attention_full_batch(q, k, v, heads, layout, share, attention)
+    return shared_attention(q, k, v, heads, layout, share, attention)
+
+
+def shared_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """GroupNorm whose statistics include the reference's features (`register_shared_norm`).
+
+    The original stacks the reference map under each image's own along dim -2 (H for `(B, C, H, W)`),
+    normalises the stack and keeps the image's half; a reference stacked with itself is unchanged.
+    """
+    height = x.shape[-2]
+    return norm(torch.cat([x, x[reference_of_row]], dim=-2))[..., :height, :]
+
+
+def score_shift_for_weight(weight: float) -> float:
+    """The shift that multiplies every reference key's attention weight by `weight` (log w)."""
+    return math.log(weight)
+
+
+def attach_shared_norm(norms: Iterable[torch.nn.Module],
+                       reference_of_row: Callable[[int], torch.Tensor | None]) -> list[RemovableHandle]:
+    """Make each GroupNorm in `norms` compute `shared_norm` through forward hooks.
+
+    `reference_of_row(batch)` gives the reference row of every row for the batch at hand, or None
+    to leave that call plain. Hooks replace no module and no `forward`; removing the returned
+    handles restores the modules exactly.
+    """
+    handles: list[RemovableHandle] = []
+    for norm in norms:
+        heights: list[int | None] = []
+
+        def stack_reference(module: torch.nn.Module, args: tuple, heights: list = heights) -> tuple | None:
+            x = args[0]
+            refs = reference_of_row(x.shape[0])
+            heights.append(None if refs is None else x.shape[-2])
+            return None if refs is None else (torch.cat([x, x[refs.to(x.device)]], dim=-2), *args[1:])
+
+        def keep_own_half(module: torch.nn.Module, args: tuple, out: torch.Tensor, heights: list = heights) -> torch.Tensor | None:
+            height = heights.pop()
+            return None if height is None else out[..., :height, :]
+
+        handles.append(norm.register_forward_pre_hook(stack_reference))
+        handles.append(norm.register_forward_hook(keep_own_half))
+    return handles
+
+
+def zero_reference_control(control: dict[str, list[torch.Tensor | None]], layout: ChunkLayout) -> dict[str, list[torch.Tensor | None]]:
+    """Control residuals with the reference rows zeroed (StyleAligned's `concat_zero_control`).
+
+    Returns new lists and tensors: the host's own residuals are never written to.
+    """
+    keep = torch.ones(layout.batch)
+    keep[layout.reference_rows] = 0.0
+    zeroed: dict[str, list[torch.Tensor | None]] = {}
+    for name, residuals in control.items():
+        if not isinstance(residuals, list):
+            zeroed[name] = residuals
+            continue
+        zeroed[name] = [r if r is None or r.shape[0] != layout.batch
+                        else r * keep.to(r.device, r.dtype).view(-1, *([1] * (r.ndim - 1)))
+                        for r in residuals]
+    return zeroed

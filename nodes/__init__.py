@@ -1,0 +1,1 @@
+"""ComfyUI adapter: one module per feature; the only code that imports comfy."""

@@ -1,0 +1,84 @@
+"""ComfyUI helpers the node modules share: model family, layers, timestep ranges, replace slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.supported_models as supported
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..core.chunks import ChunkLayout, chunk_layout
+from ..core.errors import InputError
+from ..core.layers import LayerId, UNetLayout, layout_from_layers
+
+CATEGORY = "MultiCond"
+LAYERS_TYPE = "MULTICOND_LAYERS"
+
+# Checked in this order: SDXL derivatives subclass SDXL, SD2.x models subclass SD20.
+_FAMILIES: tuple[tuple[type, str], ...] = ((supported.SDXL, "sdxl"), (supported.SD20, "sd2"), (supported.SD15, "sd1"))
+
+
+def model_layout(model: Any, node: str) -> UNetLayout:
+    """The self-attention layers of a MODEL, or an error naming its family."""
+    config = model.model.model_config
+    family = next((name for cls, name in _FAMILIES if isinstance(config, cls)), None)
+    unet = model.get_model_object("diffusion_model")
+    if family is None or not isinstance(unet, UNetModel):
+        raise InputError(node, "model", f"model family {type(config).__name__} is not supported",
+                         "Use an SD1.x, SD2.x or SDXL checkpoint.")
+    try:
+        return layout_from_layers(family, enumerate_layers(unet), unet.num_res_blocks)
+    except ValueError as error:
+        raise InputError(node, "model", f"{type(config).__name__}: {error}", "Use an SD1.x, SD2.x or SDXL checkpoint.") from error
+
+
+def enumerate_layers(unet: UNetModel) -> list[LayerId]:
+    def scan(seq: torch.nn.Module, block: str, number: int) -> list[LayerId]:
+        return [LayerId(block, number, depth) for layer in seq
+                if isinstance(layer, comfy_attention.SpatialTransformer)
+                for depth in range(len(layer.transformer_blocks))]
+
+    layers = [layer for n, seq in enumerate(unet.input_blocks) for layer in scan(seq, "input", n)]
+    layers += scan(unet.middle_block, "middle", 0)
+    layers += [layer for n, seq in enumerate(unet.output_blocks) for layer in scan(seq, "output", n)]
+    return layers
+
+
+def sigma_range(model: Any, start_percent: float, end_percent: float, node: str) -> tuple[float, float]:
+    """(high, low) sigmas of a start/end percent of the sampling, as ComfyUI's ControlNet range."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise InputError(node, "start_percent", f"the range {start_percent}..{end_percent} is not within 0..1 in order",
+                         "Set 0 <= start_percent <= end_percent <= 1.")
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def current_sigma(extra_options: dict) -> float:
+    return float(extra_options["sigmas"].max())
+
+
+def batch_layout(cond_or_uncond: list[int], batch: int, reference_index: int, node: str) -> ChunkLayout:
+    """The chunks of a model call, with errors a user can act on."""
+    rows = batch // max(len(cond_or_uncond), 1)
+    if rows < 2:
+        raise InputError(node, "latent batch", f"the batch holds {rows} image, with no target besides the reference",
+                         "Set the latent batch_size to 2 or more: image reference_index is the style reference.")
+    if reference_index >= rows:
+        raise InputError(node, "reference_index", f"{reference_index} is outside the batch of {rows} images",
+                         f"Set reference_index between 0 and {rows - 1}.")
+    return chunk_layout(len(cond_or_uncond), batch, reference_index)
+
+
+def existing_replace(model: Any, kind: str, layer: LayerId) -> Any:
+    """The replace patch ComfyUI would run on this layer now (3-part key first, then 2-part)."""
+    slots = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    return slots.get(layer.comfy_key, slots.get(layer.comfy_key[:2]))
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """What ComfyUI's CrossAttention computes when no replace patch is set."""
+    return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                               attn_precision=extra_options.get("attn_precision"),
+                                               transformer_options=extra_options)

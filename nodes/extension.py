@@ -1,0 +1,16 @@
+"""The pack's ComfyUI extension: the list of nodes."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .reference import StyleReference
+from .style import AdaINStyle, SharedAttention
+
+
+class MultiCondExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [SharedAttention, AdaINStyle, StyleReference]

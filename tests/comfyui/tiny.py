@@ -1,0 +1,71 @@
+"""Tiny random SD1.5- and SDXL-shaped ComfyUI models (real comfy classes, a few M parameters)."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sample
+import comfy.supported_models
+
+
+class TinySD15(comfy.supported_models.SD15):
+    unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
+
+
+class TinySDXL(comfy.supported_models.SDXL):
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+
+SD15_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1], "use_linear_in_transformer": False, "context_dim": 64,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+SDXL_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [0, 2, 3],
+    "transformer_depth_middle": 2, "transformer_depth_output": [0, 0, 2, 2, 3, 3],
+    "use_linear_in_transformer": True, "context_dim": 2048,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def build(kind: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around a tiny random model of the real ComfyUI class."""
+    config = TinySD15(dict(SD15_CONFIG)) if kind == "sd15" else TinySDXL(dict(SDXL_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():  # comfy ops skip init: the weights start empty
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def conditioning(kind: str, seed: int, tokens: int = 77) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "sd15":
+        return [[torch.randn(1, tokens, 64, generator=generator), {}]]
+    extra = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 256, "height": 256,
+             "crop_w": 0, "crop_h": 0, "target_width": 256, "target_height": 256}
+    return [[torch.randn(1, tokens, 2048, generator=generator), extra]]
+
+
+def sample(model, kind: str = "sd15", batch: int = 3, size: int = 16, steps: int = 3, cfg: float = 5.0,
+           sampler: str = "euler", scheduler: str = "normal", seed: int = 42, positive=None, negative=None,
+           latent: torch.Tensor | None = None, denoise: float = 1.0) -> torch.Tensor:
+    """Sample inside inference_mode, as ComfyUI's executor does."""
+    with torch.inference_mode():
+        if latent is None:
+            latent = torch.zeros(batch, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        positive = positive if positive is not None else conditioning(kind, 1)
+        negative = negative if negative is not None else conditioning(kind, 2)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                   denoise=denoise, seed=seed, disable_pbar=True).clone()
