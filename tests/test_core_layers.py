@@ -1,0 +1,81 @@
+"""Layer ids, their diffusers names, and the layer selections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multicond.core.errors import InputError
+from multicond.core.layers import SD1, SDXL, LayerId, select_blocks, select_evenly_spaced, switch_vector
+
+
+def original_switch_vec(total: int, level: float) -> torch.Tensor:
+    """StyleAligned's `_get_switch_vec`, restated with tensors."""
+    if level == 0:
+        return torch.zeros(total, dtype=torch.bool)
+    if level == 1:
+        return torch.ones(total, dtype=torch.bool)
+    flip = level > 0.5
+    level = 1 - level if flip else level
+    vec = torch.arange(total) % (total // int(level * total)) == 0
+    return ~vec if flip else vec
+
+
+def test_layer_counts():
+    assert len(SD1.layers) == 16 and len(SDXL.layers) == 70
+    assert len(set(SDXL.layers)) == 70
+
+
+def test_sdxl_order_and_names_follow_diffusers():
+    paths = [SDXL.diffusers_path(layer) for layer in SDXL.layers]
+    prefixes = [p.split(".attentions")[0] if "attentions" in p else p for p in paths]
+    runs = [(prefix, sum(1 for p in prefixes if p == prefix)) for prefix in dict.fromkeys(prefixes)]
+    assert runs == [("down_blocks.1", 4), ("down_blocks.2", 20), ("up_blocks.0", 30), ("up_blocks.1", 6), ("mid_block", 10)]
+    assert SDXL.diffusers_path(LayerId("input", 4, 1)) == "down_blocks.1.attentions.0.transformer_blocks.1.attn1"
+    assert SDXL.diffusers_path(LayerId("input", 8, 9)) == "down_blocks.2.attentions.1.transformer_blocks.9.attn1"
+    assert SDXL.diffusers_path(LayerId("output", 5, 0)) == "up_blocks.1.attentions.2.transformer_blocks.0.attn1"
+    assert SDXL.diffusers_path(LayerId("middle", 0, 3)) == "mid_block.attentions.0.transformer_blocks.3.attn1"
+    for layer in SDXL.layers:
+        assert SDXL.layer_from_diffusers_path(SDXL.diffusers_path(layer) + ".processor") == layer
+
+
+def test_sd1_blocks_map_as_comfyui_numbers_them():
+    inputs = sorted({layer.number for layer in SD1.layers if layer.block == "input"})
+    outputs = sorted({layer.number for layer in SD1.layers if layer.block == "output"})
+    assert inputs == [1, 2, 4, 5, 7, 8] and outputs == list(range(3, 12))
+    assert SD1.diffusers_path(LayerId("output", 9, 0)).startswith("up_blocks.3.attentions.0.")
+    assert SD1.diffusers_path(LayerId("input", 2, 0)).startswith("down_blocks.0.attentions.1.")
+
+
+@pytest.mark.parametrize("level", [0.0, 0.1, 0.25, 0.43, 0.5, 0.6, 0.9, 1.0])
+@pytest.mark.parametrize("layout", [SD1, SDXL])
+def test_evenly_spaced_equals_original_switch_vec(level, layout):
+    total = len(layout.layers)
+    expected = original_switch_vec(total, level).tolist()
+    assert switch_vector(total, level) == expected
+    shared = select_evenly_spaced(layout, level).layers
+    assert shared == {layer for layer, off in zip(layout.layers, expected) if not off}
+
+
+def test_paper_example_sdxl_quarter():
+    assert sum(switch_vector(70, 0.25)) == 18
+
+
+def test_block_list():
+    selection = select_blocks(SDXL, "output.1, input.8:0-3")
+    assert len(selection.layers) == 10 + 4
+    assert LayerId("input", 8, 3) in selection.layers and LayerId("input", 8, 4) not in selection.layers
+    assert len(select_blocks(SDXL, "middle").layers) == 10
+
+
+@pytest.mark.parametrize("spec,fragment", [("output.99", "names no self-attention layer"), ("outputs.1", "cannot parse"), (" , ", "empty")])
+def test_block_list_errors_name_node_and_input(spec, fragment):
+    with pytest.raises(InputError) as error:
+        select_blocks(SDXL, spec, node="LayerBalance", input_name="blocks")
+    assert fragment in str(error.value) and str(error.value).startswith("LayerBalance: input 'blocks'")
+
+
+def test_selection_for_another_architecture_is_refused():
+    selection = select_evenly_spaced(SD1, 0.0)
+    with pytest.raises(InputError, match="for sd1 but the model is sdxl"):
+        selection.check(SDXL, "SharedAttention")
