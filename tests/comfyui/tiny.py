@@ -69,3 +69,19 @@ def sample(model, kind: str = "sd15", batch: int = 3, size: int = 16, steps: int
         negative = negative if negative is not None else conditioning(kind, 2)
         return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                    denoise=denoise, seed=seed, disable_pbar=True).clone()
+
+
+TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def build_vae(seed: int = 0):
+    """A tiny random comfy.sd.VAE (AutoencoderKL, downscale 8, 4 latent channels)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    generator = torch.Generator().manual_seed(seed)
+    model = AutoencoderKL(ddconfig=dict(TINY_VAE_DDCONFIG), embed_dim=4)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
+    config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": 4}}
+    return comfy.sd.VAE(sd=state, config=config)
