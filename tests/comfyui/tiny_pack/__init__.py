@@ -1,0 +1,122 @@
+"""Test-only ComfyUI node pack: a checkpoint loader that returns tiny random models.
+
+The workflow test links this folder into a throwaway ComfyUI's `custom_nodes/` and swaps every
+`CheckpointLoaderSimple` of a shipped workflow for `MultiCondTest_TinyCheckpoint`. The MODEL is a
+tiny SD1.5- or SDXL-shaped UNet of the real comfy classes (configs from `tests/comfyui/tiny.py`),
+the CLIP is comfy's own SD1.5 / SDXL text encoder (real tokenizers) with tiny transformer
+configs, and the VAE is comfy's AutoencoderKL with a tiny config and the usual 8x downscale.
+Nothing is downloaded and nothing is read from disk but the tokenizers that ship with ComfyUI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+import comfy.ldm.models.autoencoder
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+
+TINY_NODE = "MultiCondTest_TinyCheckpoint"
+TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
+FAMILIES = ("sd15", "sdxl")
+
+# Text encoders: real vocabulary (the tokenizers emit ids up to 49407), a few tiny layers.
+# SDXL reads layer -2 of both encoders, so each needs at least 3 layers.
+CLIP_L_SD15 = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
+CLIP_L_SDXL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3}
+CLIP_G_SDXL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3}
+SDXL_POOLED = 1280  # SDXL's adm input (2816) = pooled CLIP-G (1280) + 6 size embeddings of 256
+SDXL_CONTEXT = CLIP_L_SDXL["hidden_size"] + CLIP_G_SDXL["hidden_size"]
+
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # 3 downsamples: x8
+
+
+def _load_tiny_module() -> ModuleType:
+    """tests/comfyui/tiny.py: from MULTICOND_TINY_MODELS (set by the test), else next to this package."""
+    name = "multicond_test_tiny_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(os.environ.get(TINY_MODELS_ENV) or Path(__file__).resolve().parent.parent / "tiny.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """comfy ops skip weight init (torch.empty), so every weight gets small random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def model_config(family: str) -> Any:
+    tiny = _load_tiny_module()
+    if family == "sd15":
+        config = tiny.TinySD15(dict(tiny.SD15_CONFIG))
+    else:
+        config = tiny.TinySDXL(dict(tiny.SDXL_CONFIG, context_dim=SDXL_CONTEXT))
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def build_model(config: Any, seed: int) -> comfy.model_patcher.ModelPatcher:
+    model = config.get_model({}, device=torch.device("cpu"))
+    _randomize(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def build_clip(config: Any, family: str, seed: int) -> comfy.sd.CLIP:
+    """comfy's own CLIP wrapper and text encoder classes for the family, with tiny configs."""
+    sizes = {"clip_l_model_config": CLIP_L_SD15} if family == "sd15" else \
+        {"clip_l_model_config": CLIP_L_SDXL, "clip_g_model_config": CLIP_G_SDXL}
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={**sizes, "dtype": torch.float32})
+    encoder = clip.cond_stage_model
+    if family == "sdxl":  # comfy's projection is hidden -> hidden; SDXL needs a 1280-wide pooled output
+        width = CLIP_G_SDXL["hidden_size"]
+        encoder.clip_g.transformer.text_projection = comfy.ops.manual_cast.Linear(width, SDXL_POOLED, bias=False)
+    _randomize(encoder, seed + 1)
+    return clip
+
+
+def build_vae(seed: int) -> comfy.sd.VAE:
+    params = {"embed_dim": 4, "ddconfig": VAE_DDCONFIG}
+    autoencoder = comfy.ldm.models.autoencoder.AutoencoderKL(**params)
+    _randomize(autoencoder, seed + 2)
+    return comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params}, dtype=torch.float32)
+
+
+class TinyCheckpoint:
+    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5 or SDXL."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:  # noqa: N802 - ComfyUI's V1 node API
+        return {"required": {
+            "family": (list(FAMILIES), {"default": "sd15", "tooltip": "Architecture of the tiny model."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the random weights."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Test only: tiny random models of the real comfy classes (MultiCond workflow test)."
+
+    def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
+        config = model_config(family)
+        return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
+
+
+NODE_CLASS_MAPPINGS = {TINY_NODE: TinyCheckpoint}
+NODE_DISPLAY_NAME_MAPPINGS = {TINY_NODE: "Tiny Checkpoint (MultiCond test)"}
