@@ -1,0 +1,261 @@
+"""The shipped workflows, run by a real headless ComfyUI server on tiny random models.
+
+One server (a subprocess on 127.0.0.1, CPU) is started for the module, with a throwaway base
+directory whose `custom_nodes/` holds this pack and the test-only `tiny_pack`. Each UI-format
+workflow of `workflows/` is converted to the API format (`workflow_api.py`, using the server's
+`/object_info`), its checkpoint loader is swapped for the tiny one, sizes and step counts are
+shrunk, and the graph is queued through `POST /prompt` and followed through `/history`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from .comfy_host import ROOT, find_comfyui
+from .workflow_api import FRONTEND_ONLY_NODES, check_links, check_widget_values, ui_to_api
+
+COMFYUI = find_comfyui()
+if COMFYUI is None:
+    pytest.skip("no ComfyUI found (set COMFYUI_PATH): the workflow server test needs one", allow_module_level=True)
+
+HOST = "127.0.0.1"
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference")
+TINY_LOADER = "MultiCondTest_TinyCheckpoint"
+REFERENCE_IMAGE = "multicond_test_reference.png"
+FILE_INPUTS = frozenset({"ckpt_name", "image"})  # choices are files on the user's disk
+SIZE = 64  # pixels: an 8x8 latent
+STEPS = 2
+INVERSION_STEPS, INVERSION_OFFSET = 3, 1
+START_TIMEOUT_S = 120.0
+PROMPT_TIMEOUT_S = 120.0
+HTTP_TIMEOUT_S = 30.0
+
+# Never send this traffic through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class Server:
+    url: str
+    base: Path
+    log: Path
+    process: subprocess.Popen
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+
+def http_json(url: str, body: dict | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _OPENER.open(request, timeout=HTTP_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        target.symlink_to(source, target_is_directory=True)
+    except OSError:  # no symlinks (Windows without developer mode)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests"))
+
+
+def prepare_base(base: Path) -> None:
+    for folder in ("custom_nodes", "input", "output", "user"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    link_or_copy(ROOT, base / "custom_nodes" / "multicond")
+    link_or_copy(Path(__file__).parent / "tiny_pack", base / "custom_nodes" / "multicond_tiny_pack")
+    write_reference_image(base / "input" / REFERENCE_IMAGE)
+
+
+def write_reference_image(path: Path) -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (SIZE, SIZE))
+    image.putdata([(4 * x, 4 * y, 128) for y in range(SIZE) for x in range(SIZE)])
+    image.save(path)
+
+
+def server_command(base: Path, port: int) -> list[str]:
+    return [sys.executable, "main.py", "--cpu", "--listen", HOST, "--port", str(port),
+            "--base-directory", str(base), "--disable-auto-launch",
+            "--database-url", f"sqlite:///{(base / 'user' / 'comfy.db').as_posix()}"]
+
+
+def wait_until_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"ComfyUI exited with {server.process.returncode} while starting:\n{server.log_tail()}")
+        try:
+            http_json(f"{server.url}/system_stats")
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("comfy_base")
+    prepare_base(base)
+    port = free_port()
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+           "MULTICOND_TINY_MODELS": str(Path(__file__).parent / "tiny.py")}  # tiny models: threads only contend
+    log = base / "server.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(server_command(base, port), cwd=COMFYUI, env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    running = Server(f"http://{HOST}:{port}", base, log, process)
+    try:
+        wait_until_ready(running)
+        yield running
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def object_info(server: Server) -> dict:
+    return http_json(f"{server.url}/object_info")
+
+
+def load_workflow(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
+    """Tiny loader, 64 px, a few steps; everything else as the workflow has it."""
+    graph = json.loads(json.dumps(graph))
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            family = "sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"
+            node["class_type"], node["inputs"] = TINY_LOADER, {"family": family, "seed": 0}
+        elif kind in ("EmptyLatentImage", "ImageScale"):
+            inputs.update(width=SIZE, height=SIZE)
+        elif kind == "KSampler":
+            inputs["steps"] = STEPS
+        elif kind == "MultiCond_StyleReference":
+            inputs.update(inversion_steps=INVERSION_STEPS, offset=INVERSION_OFFSET)
+        elif kind == "LoadImage":
+            inputs["image"] = REFERENCE_IMAGE
+    return graph
+
+
+def nodes_of(graph: dict[str, dict], class_type: str) -> list[str]:
+    return [node_id for node_id, node in graph.items() if node["class_type"] == class_type]
+
+
+def queue(server: Server, graph: dict) -> str:
+    try:
+        answer = http_json(f"{server.url}/prompt", {"prompt": graph, "client_id": "multicond-test"})
+    except urllib.error.HTTPError as error:
+        pytest.fail(f"/prompt refused the graph ({error.code}): {error.read().decode(errors='replace')}")
+    assert not answer.get("node_errors"), answer
+    return answer["prompt_id"]
+
+
+def wait_for_history(server: Server, prompt_id: str) -> dict:
+    deadline = time.monotonic() + PROMPT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        history = http_json(f"{server.url}/history/{prompt_id}")
+        entry = history.get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+            return entry
+        time.sleep(0.2)
+    pytest.fail(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+def execution_errors(entry: dict) -> list[dict]:
+    return [data for kind, data in entry["status"].get("messages", []) if kind == "execution_error"]
+
+
+def test_there_are_workflows() -> None:
+    assert {path.name for path in WORKFLOWS} >= {"style_aligned_sdxl.json", "style_aligned_reference_sdxl.json",
+                                                "style_aligned_sd15.json"}
+
+
+def test_multicond_nodes_are_listed_with_tooltips(object_info: dict) -> None:
+    for node in MULTICOND_NODES:
+        assert node in object_info, f"{node} missing from /object_info"
+        info = object_info[node]
+        assert info.get("description"), f"{node}: no description"
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{node} input {name}: no tooltip"
+        tooltips = info.get("output_tooltips") or []
+        assert len(tooltips) == len(info["output"]) and all(tooltips), f"{node}: output tooltips {tooltips}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
+def test_workflow_nodes_and_widgets_are_valid(path: Path, object_info: dict) -> None:
+    workflow = load_workflow(path)
+    types = {node["type"] for node in workflow["nodes"]}
+    assert types - FRONTEND_ONLY_NODES <= set(object_info), f"unknown node types {types - FRONTEND_ONLY_NODES - set(object_info)}"
+    assert types & FRONTEND_ONLY_NODES, f"{path.name}: no Note explaining the workflow"
+    assert types >= {"CheckpointLoaderSimple", "KSampler", "SaveImage"}
+    problems = [problem for node in workflow["nodes"] if node["type"] not in FRONTEND_ONLY_NODES
+                for problem in check_widget_values(node, object_info[node["type"]], FILE_INPUTS)]
+    assert not problems + check_links(workflow), "\n".join(problems + check_links(workflow))
+
+
+def test_converter_reads_a_workflow_the_frontend_saved(object_info: dict) -> None:
+    """ComfyUI's own default template (saved by the frontend, with KSampler's control_after_generate value)."""
+    spec = importlib.util.find_spec("comfyui_workflow_templates")
+    template = Path(spec.origin).parent / "templates" / "default.json" if spec and spec.origin else None
+    if template is None or not template.is_file():
+        pytest.skip("comfyui_workflow_templates with templates/default.json is not installed")
+    graph = ui_to_api(load_workflow(template), object_info)
+    ksampler = graph["3"]["inputs"]
+    assert ksampler == {"seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+                        "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                        "latent_image": ["5", 0]}
+    assert graph["5"]["inputs"] == {"width": 512, "height": 512, "batch_size": 1}
+    assert graph["8"]["inputs"] == {"samples": ["3", 0], "vae": ["4", 2]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
+def test_workflow_runs_on_the_server(path: Path, server: Server, object_info: dict) -> None:
+    graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
+    (latent,) = nodes_of(graph, "EmptyLatentImage")
+    (save,) = nodes_of(graph, "SaveImage")
+    expected = graph[latent]["inputs"]["batch_size"]
+
+    entry = wait_for_history(server, queue(server, graph))
+
+    assert entry["status"]["status_str"] == "success", f"{execution_errors(entry)}\n{server.log_tail()}"
+    images = entry["outputs"][save]["images"]
+    assert len(images) == expected
+    for image in images:
+        assert (server.base / image["type"] / image["subfolder"] / image["filename"]).is_file(), image
