@@ -205,6 +205,14 @@ def test_there_are_workflows() -> None:
                                                 "style_aligned_sd15.json"}
 
 
+def test_server_lists_the_workflows_as_templates(server: Server) -> None:
+    """ComfyUI serves a pack's workflows/ folder to the template browser (it prefers example_workflows/)."""
+    listed = http_json(f"{server.url}/workflow_templates").get("multicond", [])
+    assert sorted(listed) == sorted(path.stem for path in WORKFLOWS)
+    served = http_json(f"{server.url}/api/workflow_templates/multicond/{WORKFLOWS[0].name}")
+    assert served == load_workflow(WORKFLOWS[0])
+
+
 def test_multicond_nodes_are_listed_with_tooltips(object_info: dict) -> None:
     for node in MULTICOND_NODES:
         assert node in object_info, f"{node} missing from /object_info"
