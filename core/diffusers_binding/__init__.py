@@ -1,0 +1,18 @@
+"""The diffusers binding: the only code of the pack that imports diffusers or transformers.
+
+StyleAligned on any SD1.x/SD2/SDXL-shaped `UNet2DConditionModel` (`install_style_aligned`),
+DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_reference`,
+`generate`), tiny random pipelines for tests and demos (`tiny_pipeline`), and the command line
+(`cli.main`, run as `python -m multicond`).
+"""
+
+from __future__ import annotations
+
+from .style_aligned import (StyleAlignedHandle, StyleAlignedProcessor, install_style_aligned, shared_layers,
+                            unet_layout)
+from .tiny import load_pipeline, tiny_pipeline, tiny_unet
+
+__all__ = [
+    "StyleAlignedHandle", "StyleAlignedProcessor", "install_style_aligned", "load_pipeline", "shared_layers",
+    "tiny_pipeline", "tiny_unet", "unet_layout",
+]

@@ -1,0 +1,275 @@
+"""The diffusers binding of StyleAligned on tiny random SD1.5- and SDXL-shaped UNets.
+
+The reference formulation below re-states the paper's `SharedAttentionProcessor`, layer choice
+and `register_shared_norm` from their description (reference/methods.md §1): AdaIN over all
+rows, keys/values concatenated with each half's first row, explicit logits when a shift is set,
+GroupNorm forwards replaced on a deep copy of the UNet. The binding must give the same outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from multicond.core.diffusers_binding import (StyleAlignedProcessor, install_style_aligned, shared_layers, tiny_unet,
+                                              unet_layout)
+from multicond.core.layers import SD1, SDXL
+from multicond.core.style import StyleAlignedArgs
+
+FAMILIES = ("sd1", "sdxl")
+ROWS = 3  # images per CFG half: the reference and two targets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread() -> Iterator[None]:
+    # The tiny models' ops are so small that extra threads only add synchronisation cost.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- the paper's formulation, re-stated
+
+def paper_reference_copy(feat: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Each CFG half's first row broadcast over that half; with `scale`, every copy but the one in
+    the reference's own row is scaled (the paper's `expand_first`)."""
+    batch = feat.shape[0]
+    half = batch // 2
+    copies = feat[torch.arange(batch) // half * half]
+    if scale != 1:
+        factor = torch.where(torch.arange(batch) % half == 0, 1.0, scale).to(feat.dtype)
+        copies = copies * factor.view(-1, *[1] * (feat.ndim - 1))
+    return copies
+
+
+def paper_adain(feat: torch.Tensor) -> torch.Tensor:
+    """(b, heads, tokens, d): every row, the reference included, takes its half's first-row statistics."""
+    mean = feat.mean(dim=-2, keepdim=True)
+    std = (feat.var(dim=-2, keepdim=True) + 1e-5).sqrt()
+    return (feat - mean) / std * paper_reference_copy(std) + paper_reference_copy(mean)
+
+
+class PaperSharedProcessor:
+    def __init__(self, args: StyleAlignedArgs) -> None:
+        self.args = args
+        self.plain = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        if self.args.full_attention_share:
+            batch, tokens, width = hidden_states.shape  # both halves' images joined into one sequence each
+            return self.plain(attn, hidden_states.reshape(2, batch // 2 * tokens, width)).reshape(batch, tokens, width)
+        a = self.args
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query = paper_adain(query) if a.adain_queries else query
+        key = paper_adain(key) if a.adain_keys else key
+        value = paper_adain(value) if a.adain_values else value
+        if a.share_attention:
+            key = torch.cat([key, paper_reference_copy(key, a.shared_score_scale)], dim=-2)
+            value = torch.cat([value, paper_reference_copy(value)], dim=-2)
+        if a.share_attention and a.shared_score_shift != 0:
+            logits = query @ key.transpose(-1, -2) * attn.scale
+            logits[..., query.shape[-2]:] += a.shared_score_shift
+            out = logits.softmax(dim=-1) @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def paper_switch_vector(total: int, level: float) -> torch.Tensor:
+    """True: the layer keeps the default processor. Evenly spaced, with an integer stride."""
+    if level in (0, 1):
+        return torch.full((total,), bool(level))
+    flip = level > 0.5
+    count = int((1 - level if flip else level) * total)
+    vector = torch.arange(total) % (total // count) == 0
+    return ~vector if flip else vector
+
+
+def paper_shared_names(unet: UNet2DConditionModel, level: float) -> list[str]:
+    """attn1 processors alternate with attn2 in `attn_processors`, so processor i is self layer i // 2."""
+    names = list(unet.attn_processors)
+    unshared = paper_switch_vector(sum("attn1" in n for n in names), level)
+    return [n.removesuffix(".processor") for i, n in enumerate(names) if "attn1" in n and not unshared[i // 2]]
+
+
+def paper_unet(unet: UNet2DConditionModel, args: StyleAlignedArgs) -> UNet2DConditionModel:
+    paper = copy.deepcopy(unet)
+    shared = set(paper_shared_names(paper, args.only_self_level))
+    paper.set_attn_processor({name: PaperSharedProcessor(args) if name.removesuffix(".processor") in shared
+                              else AttnProcessor2_0() for name in paper.attn_processors})
+    if args.share_group_norm:
+        for module in paper.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.forward = _paper_shared_group_norm(module.forward)
+    return paper
+
+
+def _paper_shared_group_norm(plain):  # noqa: ANN001, ANN202
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        height = hidden.shape[-2]
+        return plain(torch.cat([hidden, paper_reference_copy(hidden)], dim=-2))[..., :height, :]
+
+    return forward
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def unet(request: pytest.FixtureRequest) -> UNet2DConditionModel:
+    return tiny_unet(request.param, seed=1)
+
+
+def unet_inputs(unet: UNet2DConditionModel, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2 * ROWS
+    latents = torch.randn(batch, 4, 8, 8, generator=generator)
+    kwargs: dict = {"encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(batch, 1)}
+    return latents, kwargs
+
+
+def run_unet(unet: UNet2DConditionModel, seed: int = 0, timestep: int = 501) -> torch.Tensor:
+    latents, kwargs = unet_inputs(unet, seed)
+    with torch.no_grad():
+        return unet(latents, timestep, **kwargs).sample
+
+
+# ---------------------------------------------------------------- (a) the paper's numbers
+
+ARGS = {
+    "defaults": StyleAlignedArgs(),
+    "shift log 2, scale 0.5": StyleAlignedArgs(shared_score_shift=math.log(2), shared_score_scale=0.5),
+    "adain values": StyleAlignedArgs(adain_values=True),
+    "full attention share": StyleAlignedArgs(full_attention_share=True),
+    "only self level 0.25": StyleAlignedArgs(only_self_level=0.25),
+    "no group norm": StyleAlignedArgs(share_group_norm=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_unet_output_equals_the_paper_formulation(unet: UNet2DConditionModel, name: str) -> None:
+    args = ARGS[name]
+    expected = run_unet(paper_unet(unet, args))
+    plain = run_unet(unet)
+    with install_style_aligned(unet, args):
+        ours = run_unet(unet)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3, "the settings must change the output, or the comparison proves nothing"
+
+
+def test_reference_rows_keep_their_plain_output(unet: UNet2DConditionModel) -> None:
+    plain = run_unet(unet)
+    with install_style_aligned(unet, StyleAlignedArgs(shared_score_shift=math.log(2), shared_score_scale=0.5)):
+        ours = run_unet(unet)
+    references = [0, ROWS]
+    torch.testing.assert_close(ours[references], plain[references], atol=2e-5, rtol=1e-4)
+    targets = [r for r in range(2 * ROWS) if r not in references]
+    assert (ours[targets] - plain[targets]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+def test_reference_index_and_chunk_count_move_the_reference(unet: UNet2DConditionModel) -> None:
+    """Three chunks of two, reference at index 1: rows 1, 3, 5 keep their plain output."""
+    plain = run_unet(unet)
+    with install_style_aligned(unet, StyleAlignedArgs(), chunks=3, reference_index=1):
+        ours = run_unet(unet)
+    torch.testing.assert_close(ours[[1, 3, 5]], plain[[1, 3, 5]], atol=2e-5, rtol=1e-4)
+    assert (ours[[0, 2, 4]] - plain[[0, 2, 4]]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- (b) which layers
+
+def _real_unet(family: str) -> UNet2DConditionModel:
+    """The real SD1.5 / SDXL UNet shapes, on the meta device (no memory, no weights)."""
+    if family == "sd1":
+        config = dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+                      cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    else:
+        config = dict(layers_per_block=2, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                      transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    with init_empty_weights():
+        return UNet2DConditionModel(**config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_shapes_give_the_core_layouts(family: str) -> None:
+    layout = unet_layout(_real_unet(family))
+    assert layout == (SD1 if family == "sd1" else SDXL)
+    assert len(layout.layers) == (16 if family == "sd1" else 70)
+
+
+@pytest.mark.parametrize("source", ["tiny sd1", "tiny sdxl", "real sd1", "real sdxl"])
+@pytest.mark.parametrize("level", [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0])
+def test_layer_choice_is_the_papers(source: str, level: float) -> None:
+    kind, family = source.split()
+    model = tiny_unet(family) if kind == "tiny" else _real_unet(family)
+    assert shared_layers(model, level) == paper_shared_names(model, level)
+
+
+def test_sdxl_quarter_level_leaves_18_layers_unshared() -> None:
+    assert len(shared_layers(_real_unet("sdxl"), 0.25)) == 70 - 18
+
+
+def test_installs_on_exactly_the_chosen_layers_and_keeps_the_rest(unet: UNet2DConditionModel) -> None:
+    before = dict(unet.attn_processors)
+    with install_style_aligned(unet, StyleAlignedArgs(only_self_level=0.25)):
+        chosen = set(shared_layers(unet, 0.25))
+        for name, processor in unet.attn_processors.items():
+            if name.removesuffix(".processor") in chosen:
+                assert isinstance(processor, StyleAlignedProcessor)
+            else:
+                assert processor is before[name]
+
+
+# ---------------------------------------------------------------- (c) removal
+
+@pytest.mark.parametrize("args", [StyleAlignedArgs(), StyleAlignedArgs(full_attention_share=True)])
+def test_remove_restores_bit_identical_outputs(unet: UNet2DConditionModel, args: StyleAlignedArgs) -> None:
+    before_processors = dict(unet.attn_processors)
+    before = run_unet(unet)
+    handle = install_style_aligned(unet, args)
+    assert not torch.equal(run_unet(unet), before)
+    handle.remove()
+    assert torch.equal(run_unet(unet), before)
+    assert all(unet.attn_processors[name] is p for name, p in before_processors.items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    handle.remove()  # a second remove is harmless
+
+
+def test_installing_twice_is_refused(unet: UNet2DConditionModel) -> None:
+    with install_style_aligned(unet):
+        with pytest.raises(RuntimeError, match="already installed"):
+            install_style_aligned(unet)
+    with install_style_aligned(unet):  # and allowed again once removed
+        pass
+
+
+def test_a_batch_without_room_for_the_chunks_is_an_error(unet: UNet2DConditionModel) -> None:
+    with install_style_aligned(unet, chunks=4):
+        with pytest.raises(ValueError, match="cannot be split into 4"):
+            run_unet(unet)
