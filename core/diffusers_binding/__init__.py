@@ -8,11 +8,14 @@ DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_re
 
 from __future__ import annotations
 
+from .pipeline import (PinnedReference, encode_image, generate, initial_latents, invert_image, invert_latent,
+                       pin_reference)
 from .style_aligned import (StyleAlignedHandle, StyleAlignedProcessor, install_style_aligned, shared_layers,
                             unet_layout)
 from .tiny import load_pipeline, tiny_pipeline, tiny_unet
 
 __all__ = [
-    "StyleAlignedHandle", "StyleAlignedProcessor", "install_style_aligned", "load_pipeline", "shared_layers",
+    "PinnedReference", "StyleAlignedHandle", "StyleAlignedProcessor", "encode_image", "generate", "initial_latents",
+    "install_style_aligned", "invert_image", "invert_latent", "load_pipeline", "pin_reference", "shared_layers",
     "tiny_pipeline", "tiny_unet", "unet_layout",
 ]
