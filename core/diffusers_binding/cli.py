@@ -1,0 +1,161 @@
+"""Command line of the diffusers binding: `python -m multicond <command> ...`.
+
+Commands: `style-aligned` (a batch of images sharing the first one's style, optionally from a
+real reference image through DDIM inversion). Without `--checkpoint` a tiny random model is used:
+it shows the pipeline runs end to end, its images are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
+from ..style import StyleAlignedArgs
+from .pipeline import generate, invert_image, pin_reference
+from .style_aligned import shared_layers
+from .tiny import FAMILIES, TINY_IMAGE_SIZE, load_pipeline
+
+Command = Callable[[argparse.Namespace], int]
+
+RANDOM_WEIGHTS_NOTICE = ("No --checkpoint given: using a tiny model with RANDOM weights. It shows that the "
+                         "pipeline runs end to end; the images are noise.")
+
+
+def _add_style_aligned_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `StyleAlignedArgs` field, defaulting to the paper's values."""
+    defaults = StyleAlignedArgs()
+    group = parser.add_argument_group("StyleAligned settings (defaults: the paper's)")
+    for name in ("share_group_norm", "share_layer_norm", "share_attention", "adain_queries", "adain_keys",
+                 "adain_values", "full_attention_share"):
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                           default=getattr(defaults, name))
+    group.add_argument("--score-scale", dest="shared_score_scale", type=float, default=defaults.shared_score_scale,
+                       help="multiply the reference keys seen by the other images (default %(default)s)")
+    group.add_argument("--score-shift", dest="shared_score_shift", type=float, default=defaults.shared_score_shift,
+                       help="add to the logits of the reference keys; log 2 = 0.693 doubles their weight (default %(default)s)")
+    group.add_argument("--only-self-level", dest="only_self_level", type=float, default=defaults.only_self_level,
+                       help="fraction of self-attention layers left unshared, evenly spaced (default %(default)s)")
+    group.add_argument("--plain", action="store_true", help="sample without StyleAligned, for comparison")
+
+
+def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("style-aligned", help="a batch of images in the style of the first one (StyleAligned)",
+                                 description="Generate one image per prompt; every image takes the style of the "
+                                             "reference (the first prompt, or --reference-image).")
+    parser.add_argument("--prompts", nargs="+", required=True, help="one image per prompt; without --reference-image "
+                                                                    "the first is the style reference")
+    parser.add_argument("--style", default="", help="appended to every prompt, e.g. 'in watercolor painting style'")
+    parser.add_argument("--reference-image", type=Path, help="a real image to take the style from (DDIM inversion)")
+    parser.add_argument("--reference-prompt", help="describes --reference-image (required with it)")
+    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (> 1)")
+    parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
+    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/style-aligned"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inversion-cfg", type=float, default=INVERSION_GUIDANCE, help="CFG of the DDIM inversion")
+    parser.add_argument("--pin-offset", type=int, default=PIN_OFFSET,
+                        help="the reference starts this many inversion steps below the noisiest latent")
+    _add_style_aligned_flags(parser)
+    parser.set_defaults(run=run_style_aligned, parser=parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m multicond", description="MultiCond on diffusers pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_style_aligned_parser(commands)
+    return parser
+
+
+def style_aligned_args(ns: argparse.Namespace) -> StyleAlignedArgs:
+    return StyleAlignedArgs(**{name: getattr(ns, name) for name in StyleAlignedArgs.__dataclass_fields__})
+
+
+def styled(prompt: str, style: str) -> str:
+    return f"{prompt}, {style}" if style else prompt
+
+
+def slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
+
+
+def _validate(ns: argparse.Namespace) -> None:
+    parser: argparse.ArgumentParser = ns.parser
+    if ns.reference_image is not None and not ns.reference_prompt:
+        parser.error("--reference-image needs --reference-prompt, a description of that image")
+    if ns.reference_image is not None and not ns.reference_image.is_file():
+        parser.error(f"--reference-image {ns.reference_image}: no such file")
+    if ns.cfg <= 1:
+        parser.error("--cfg must be > 1: StyleAligned shares within the [uncond, cond] halves of a CFG batch")
+    if ns.steps < 1 or (ns.reference_image is not None and not 0 <= ns.pin_offset < ns.steps):
+        parser.error("--steps must be >= 1, and --pin-offset in 0..steps-1 with --reference-image")
+    if ns.size is not None and ns.size % 8:
+        parser.error("--size must be a multiple of 8")
+
+
+@contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` CPU threads (None: unchanged), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_style_aligned(ns: argparse.Namespace) -> int:
+    _validate(ns)
+    if ns.checkpoint is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
+    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
+        return _style_aligned(ns)
+
+
+def _style_aligned(ns: argparse.Namespace) -> int:
+    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+    args = None if ns.plain else style_aligned_args(ns)
+    prompts = [styled(p, ns.style) for p in ns.prompts]
+    reference = None
+    if ns.reference_image is not None:
+        side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        image = Image.open(ns.reference_image).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+        zts = invert_image(pipe, image, ns.reference_prompt, ns.steps, ns.inversion_cfg)
+        reference = pin_reference(zts, ns.pin_offset)
+        prompts = [ns.reference_prompt] + prompts
+    if args is not None:
+        print(f"StyleAligned on {len(shared_layers(pipe.unet, args.only_self_level))} of "
+              f"{len(shared_layers(pipe.unet, 0.0))} self-attention layers; reference: {prompts[0]!r}")
+    images = generate(pipe, prompts, args, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, height=size,
+                      width=size, reference=reference)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    for index, (prompt, image) in enumerate(zip(prompts, images)):
+        role = "reference-" if index == 0 else ""
+        path = ns.out / f"{index:02d}-{role}{slug(prompt)}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    command: Command = ns.run
+    return command(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
