@@ -90,9 +90,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 def token_mean_std(x: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std over tokens (dim -2) per channel; unbiased variance plus eps, as the original."""
+    # Two plain passes: torch's var/var_mean over a non-last dim runs several times slower on CPU.
     mean = x.mean(dim=-2, keepdim=True)
-    std = (x.var(dim=-2, keepdim=True) + eps).sqrt()
-    return mean, std
+    var = (x - mean).square().sum(dim=-2, keepdim=True) / (x.shape[-2] - 1)
+    return mean, (var + eps).sqrt()
 
 
 def adain(x: torch.Tensor, reference_of_row: torch.Tensor) -> torch.Tensor:
@@ -102,18 +103,20 @@ def adain(x: torch.Tensor, reference_of_row: torch.Tensor) -> torch.Tensor:
 
 
 def adain_targets(x: torch.Tensor, layout: ChunkLayout, strength: float = 1.0) -> torch.Tensor:
-    """`adain` on the target rows only: the reference rows are returned exactly as they are.
+    """`adain` on the target rows, in one fused pass `x * scale + shift`; reference rows come back exact.
 
     `strength` interpolates between a row (0) and its AdaIN toward the reference (1).
     """
-    targets = layout.target_rows
-    refs = layout.reference_of_row(x.device)[targets]
-    mean, std = token_mean_std(x[targets])
-    ref_mean, ref_std = token_mean_std(x[refs])
-    out = x.clone()
-    normalised = (x[targets] - mean) / std * ref_std + ref_mean
-    out[targets] = normalised if strength == 1.0 else torch.lerp(x[targets], normalised, strength)
-    return out
+    mean, std = token_mean_std(x)
+    refs = layout.reference_of_row(x.device)
+    scale = std[refs] / std
+    shift = mean[refs] - mean * scale
+    scale[layout.reference_rows] = 1.0  # x * 1 + 0 is x bit for bit
+    shift[layout.reference_rows] = 0.0
+    if strength != 1.0:
+        scale = torch.lerp(torch.ones_like(scale), scale, strength)
+        shift = shift * strength
+    return torch.addcmul(shift, x, scale)
 
 
 def reference_bias(tokens: int, reference_tokens: int, score_shift: float, device: torch.device) -> torch.Tensor:
@@ -124,26 +127,39 @@ def reference_bias(tokens: int, reference_tokens: int, score_shift: float, devic
 
 
 def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
-                     share: ShareSettings, attention: Attention = sdpa_attention) -> torch.Tensor:
+                     share: ShareSettings) -> torch.Tensor:
     """Self-attention where each target row also attends to its reference's keys and values.
 
     A reference attending to its own keys twice equals attending once (and neither the scale nor
-    the shift changes it), so only target rows pay for the extra keys: the FLOP floor.
+    the shift changes it), so only target rows pay for the extra keys: the FLOP floor. Rows stay
+    views of `(chunks, rows, tokens, heads, head_dim)`; only the extended keys/values are copied.
     """
     if share.full_attention:
-        return full_shared_attention(q, k, v, heads, layout, attention)
-    out = torch.empty_like(q)
-    refs = layout.reference_rows
-    out[refs] = attention(q[refs], k[refs], v[refs], heads, None)
-    targets = layout.target_rows
-    if targets:
-        reference_of_row = layout.reference_of_row(q.device)[targets]
-        ref_k = k[reference_of_row]
-        keys = torch.cat([k[targets], ref_k * share.score_scale if share.score_scale != 1.0 else ref_k], dim=1)
-        values = torch.cat([v[targets], v[reference_of_row]], dim=1)
-        bias = reference_bias(k.shape[1], k.shape[1], share.score_shift, q.device) if share.score_shift else None
-        out[targets] = attention(q[targets], keys, values, heads, bias)
-    return out
+        return full_shared_attention(q, k, v, heads, layout)
+    chunks, rows, ref = layout.chunks, layout.rows_per_chunk, layout.reference_index
+    tokens, width = q.shape[1], q.shape[2]
+    # (chunks, rows, heads, tokens, head_dim): SDPA takes any leading batch dims.
+    split = lambda t: t.view(chunks, rows, tokens, heads, width // heads).transpose(2, 3)  # noqa: E731
+    q5, k5, v5 = split(q), split(k), split(v)
+    others = lambda t: t[:, 1:] if ref == 0 else torch.cat([t[:, :ref], t[:, ref + 1:]], dim=1)  # noqa: E731
+    ref_k, ref_v = k5[:, ref:ref + 1].expand(-1, rows - 1, -1, -1, -1), v5[:, ref:ref + 1].expand(-1, rows - 1, -1, -1, -1)
+    if share.score_scale != 1.0:
+        ref_k = ref_k * share.score_scale
+    keys = torch.cat([others(k5), ref_k], dim=-2)
+    values = torch.cat([others(v5), ref_v], dim=-2)
+    bias = reference_bias(tokens, tokens, share.score_shift, q.device).to(q.dtype) if share.score_shift else None
+    # CPU's fused SDPA kernel wants 4-D (batch, heads, tokens, head_dim) inputs.
+    flat = lambda t: t.reshape(-1, heads, t.shape[-2], width // heads)  # noqa: E731
+    out = torch.empty(chunks, rows, tokens, heads, width // heads, dtype=q.dtype, device=q.device)
+    out.transpose(2, 3)[:, ref] = F.scaled_dot_product_attention(q5[:, ref], k5[:, ref], v5[:, ref])
+    targets = F.scaled_dot_product_attention(flat(others(q5)), flat(keys), flat(values), attn_mask=bias)
+    targets = targets.view(chunks, rows - 1, heads, tokens, width // heads)
+    if ref == 0:
+        out.transpose(2, 3)[:, 1:] = targets
+    else:
+        out.transpose(2, 3)[:, :ref] = targets[:, :ref]
+        out.transpose(2, 3)[:, ref + 1:] = targets[:, ref:]
+    return out.view(q.shape)
 
 
 def shared_attention_full_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: ChunkLayout,
@@ -192,7 +208,7 @@ def style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         return attention(q, k, v, heads, None)
     if full_batch:
         return shared_attention_full_batch(q, k, v, heads, layout, share, attention)
-    return shared_attention(q, k, v, heads, layout, share, attention)
+    return shared_attention(q, k, v, heads, layout, share)
 
 
 def shared_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,8 @@ def find_comfyui() -> Path | None:
     return next((path for path in candidates if (path / "comfy" / "model_patcher.py").is_file()), None)
 
 
-def import_comfyui(path: Path) -> None:
+def import_comfyui(path: Path, pytorch_attention: bool = False) -> None:
+    """Put the checkout on sys.path and set ComfyUI's flags for a CPU run before anything imports comfy."""
     sys.dont_write_bytecode = True
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -26,3 +27,5 @@ def import_comfyui(path: Path) -> None:
     args.cpu = True
     args.force_fp32 = True
     args.disable_smart_memory = True
+    # ComfyUI picks sub-quadratic attention on CPU; GPUs get PyTorch SDPA, which benchmarks should compare with.
+    args.use_pytorch_cross_attention = pytorch_attention

@@ -1,0 +1,71 @@
+"""Timing and peak-memory helpers for the benchmarks (one process, alternating calls)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensors that ops create while the mode is on (each storage counted once).
+
+    CPU has no allocator statistics like `torch.cuda.max_memory_allocated`; this counts what such
+    a statistic would, for the tensors made inside the measured call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.references: dict[int, int] = {}
+        self.seen: set[int] = set()  # ids of live tracked tensors (a WeakSet would compare tensors by value)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.seen:
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        self.seen.add(id(tensor))
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if self.references.get(key, 0) == 0:
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        self.references[key] = self.references.get(key, 0) + 1
+        weakref.finalize(tensor, self._release, id(tensor), key, size)
+
+    def _release(self, tensor_id: int, key: int, size: int) -> None:
+        self.seen.discard(tensor_id)
+        self.references[key] -= 1
+        if self.references[key] == 0:
+            self.live -= size
+
+
+def peak_mib(run: Callable[[], object]) -> float:
+    """Peak MiB of tensors alive at once during `run` (its result included)."""
+    with PeakTensorMemory() as meter:
+        result = run()
+    del result
+    return meter.peak / 2**20
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each run, calling them in turn so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

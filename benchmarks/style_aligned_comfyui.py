@@ -1,0 +1,54 @@
+"""SharedAttention + AdaINStyle over vanilla in a real ComfyUI: per-step time and peak memory.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy/python benchmarks/style_aligned_comfyui.py
+
+Tiny SDXL-shaped UNet (tests/comfyui/tiny.py), batch 1 reference + 3 targets with CFG, euler.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tests.conftest  # noqa: E402,F401 - registers the pack as `multicond`
+from tests.comfyui.comfy_host import find_comfyui, import_comfyui  # noqa: E402
+
+COMFY = find_comfyui()
+if COMFY is None:
+    sys.exit("set COMFYUI_PATH to a ComfyUI checkout and run with its Python")
+import_comfyui(COMFY, pytorch_attention=True)
+
+import torch  # noqa: E402
+
+from benchmarks.measure import alternate, peak_mib  # noqa: E402
+from multicond.nodes.style import AdaINStyle, SharedAttention  # noqa: E402
+from tests.comfyui import tiny  # noqa: E402
+
+STEPS = 4
+
+
+def style_aligned(model, share_group_norm: bool):
+    shared = SharedAttention.execute(model, True, 1.0, 0.0, False, share_group_norm, True, 0, 0.0, 1.0).args[0]
+    return AdaINStyle.execute(shared, True, True, False, 1.0, 0, 0.0, 1.0).args[0]
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # steady timings on a shared machine
+    model = tiny.build("sdxl")
+    variants = {"vanilla": model, "paper defaults": style_aligned(model, True),
+                "without shared GroupNorm": style_aligned(model, False)}
+    print(f"ComfyUI {COMFY.name}, tiny SDXL-shaped UNet, batch 1+3 with CFG, {STEPS} euler steps, PyTorch SDPA attention, 1 thread")
+    for size in (32, 64):
+        runs = {name: (lambda m=m: tiny.sample(m, "sdxl", batch=4, size=size, steps=STEPS)) for name, m in variants.items()}
+        seconds = alternate(runs, repeats=5)
+        memory = {name: peak_mib(run) for name, run in runs.items()}
+        for name in variants:
+            print(f"  {size}x{size} latent  {name:26s} {seconds[name] / STEPS * 1000:8.1f} ms/step  "
+                  f"x{seconds[name] / seconds['vanilla']:.2f} time  peak +{memory[name]:.0f} MiB (x{memory[name] / memory['vanilla']:.2f})")
+
+
+if __name__ == "__main__":
+    main()
