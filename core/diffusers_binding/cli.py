@@ -29,6 +29,11 @@ RANDOM_WEIGHTS_NOTICE = ("No --checkpoint given: using a tiny model with RANDOM 
                          "pipeline runs end to end; the images are noise.")
 
 
+# The StyleAligned SDXL demo's example set.
+PAPER_PROMPTS = ("a toy train", "a toy airplane", "a toy bicycle", "a toy car")
+PAPER_STYLE = "macro photo. 3d game asset"
+
+
 def _add_style_aligned_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `StyleAlignedArgs` field, defaulting to the paper's values."""
     defaults = StyleAlignedArgs()
@@ -50,9 +55,10 @@ def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("style-aligned", help="a batch of images in the style of the first one (StyleAligned)",
                                  description="Generate one image per prompt; every image takes the style of the "
                                              "reference (the first prompt, or --reference-image).")
-    parser.add_argument("--prompts", nargs="+", required=True, help="one image per prompt; without --reference-image "
-                                                                    "the first is the style reference")
-    parser.add_argument("--style", default="", help="appended to every prompt, e.g. 'in watercolor painting style'")
+    parser.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS),
+                        help="one image per prompt; without --reference-image the first is the style reference "
+                             "(default: the paper's toy set)")
+    parser.add_argument("--style", default=PAPER_STYLE, help="appended to every prompt (default: '%(default)s')")
     parser.add_argument("--reference-image", type=Path, help="a real image to take the style from (DDIM inversion)")
     parser.add_argument("--reference-prompt", help="describes --reference-image (required with it)")
     parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
