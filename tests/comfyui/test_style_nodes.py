@@ -234,3 +234,27 @@ def test_reference_image_of_another_size_is_an_error():
                                         tiny.conditioning("sd15", 2), 0, 4, 2.0, 1).args[0]
     with pytest.raises(InputError, match="MultiCond_StyleReference: input 'image'.*64x64 px"):
         tiny.sample(style_aligned(pinned), "sd15", batch=2, size=16)
+
+
+def test_a_real_controlnet_gives_the_reference_row_no_control():
+    import nodes as comfy_nodes
+
+    model = tiny.build("sd15")
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(4))
+    positive, negative = tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2)
+    with torch.inference_mode():
+        positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, tiny.build_controlnet(), hint, 1.0, 0.0, 1.0)
+    received = []
+
+    def spy(executor, x, timesteps, context, y, control, *args, **kwargs):
+        received.append({name: list(residuals) for name, residuals in control.items()})  # the UNet pops them
+        return executor(x, timesteps, context, y, control, *args, **kwargs)
+
+    styled = style_aligned(model, reference_index=1)
+    styled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.spy", spy)  # runs after ours
+    tiny.sample(styled, "sd15", batch=3, steps=2, positive=positive, negative=negative)
+    residuals = [r for control in received for r in control["output"] + control["middle"] if r is not None]
+    assert received and residuals
+    for residual in residuals:
+        assert residual[[1, 4]].abs().max() == 0 and residual[[0, 2, 3, 5]].abs().amax(dim=(1, 2, 3)).min() > 0

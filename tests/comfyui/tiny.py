@@ -85,3 +85,18 @@ def build_vae(seed: int = 0):
     state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
     config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": 4}}
     return comfy.sd.VAE(sd=state, config=config)
+
+
+def build_controlnet(seed: int = 0):
+    """A tiny random comfy.controlnet.ControlNet matching the tiny SD1.5 UNet."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_CONFIG.items() if k not in ("out_channels", "transformer_depth_output")}
+    model = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=2, operations=comfy.ops.disable_weight_init, **config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return comfy.controlnet.ControlNet(model, load_device=mm.get_torch_device())
