@@ -6,7 +6,6 @@ The binding must give the same outputs as the paper's formulation (`paper_style_
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,13 +23,7 @@ FAMILIES = ("sd1", "sdxl")
 ROWS = 3  # images per CFG half: the reference and two targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Iterator[None]:
-    # The tiny models' ops are so small that extra threads only add synchronisation cost.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 
