@@ -88,25 +88,34 @@ def test_prompts_of_different_lengths_pad_by_repeating_the_shorter(clip):
     assert torch.equal(cond[0:1], short.repeat(1, 2, 1)) and torch.equal(cond[1:2], long)
 
 
+def sample(model, family: str, batch: int, positive: list, negative: list):
+    # The tiny random UNet barely reads its context (near-uniform cross-attention): CFG 50 lifts a
+    # prompt's effect on the latent (~1e-2 of ~300) far above float noise.
+    return tiny.sample(model, family, batch=batch, cfg=50.0, positive=positive, negative=negative)
+
+
+def assert_follows(row: torch.Tensor, own: torch.Tensor, other: torch.Tensor) -> None:
+    """`row` is the run with its own prompt, up to float noise far below another prompt's effect."""
+    assert (row - own).abs().max() < (row - other).abs().max() / 20
+
+
 def test_each_image_samples_its_own_prompt(clip, model, family):
-    """Row i of one batched run equals row i of a run where the whole batch has prompt i (same noise per row)."""
+    """Row i of one batched run is row i of a run where the whole batch has prompt i (same noise per row)."""
     negative = text_encode(clip, "")
-    batched = tiny.sample(model, family, batch=3, positive=batch_prompts(clip, "\n".join(PROMPTS)), negative=negative)
-    alone = [tiny.sample(model, family, batch=3, positive=text_encode(clip, p), negative=negative) for p in PROMPTS]
+    batched = sample(model, family, 3, batch_prompts(clip, "\n".join(PROMPTS)), negative)
+    alone = [sample(model, family, 3, text_encode(clip, prompt), negative) for prompt in PROMPTS]
     for i in range(3):
-        torch.testing.assert_close(batched[i], alone[i][i], atol=1e-4, rtol=0)
-        assert (batched[i] - alone[(i + 1) % 3][i]).abs().max() > 1e-2  # another prompt would show
+        assert_follows(batched[i], alone[i][i], alone[(i + 1) % 3][i])
 
 
 def test_a_padded_prompt_samples_as_alone(clip, model, family):
     """Repeating the shorter prompt's tokens to the longer one's length does not change what it generates."""
     negative = text_encode(clip, "")
-    batched = tiny.sample(model, family, batch=2, positive=batch_prompts(clip, f"{PROMPTS[0]}\n{LONG}"), negative=negative)
-    short = tiny.sample(model, family, batch=2, positive=text_encode(clip, PROMPTS[0]), negative=negative)
-    long = tiny.sample(model, family, batch=2, positive=text_encode(clip, LONG), negative=negative)
-    torch.testing.assert_close(batched[0], short[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batched[1], long[1], atol=1e-4, rtol=0)
-    assert (batched[0] - long[0]).abs().max() > 1e-2
+    batched = sample(model, family, 2, batch_prompts(clip, f"{PROMPTS[0]}\n{LONG}"), negative)
+    short = sample(model, family, 2, text_encode(clip, PROMPTS[0]), negative)
+    long = sample(model, family, 2, text_encode(clip, LONG), negative)
+    assert_follows(batched[0], short[0], long[0])
+    assert_follows(batched[1], long[1], short[1])
 
 
 @pytest.mark.parametrize("prompts", ["", "\n  \n\t\n"])
