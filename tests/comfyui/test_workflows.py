@@ -34,7 +34,7 @@ if COMFYUI is None:
 
 HOST = "127.0.0.1"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference")
+MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 REFERENCE_IMAGE = "multicond_test_reference.png"
 FILE_INPUTS = frozenset({"ckpt_name", "image"})  # choices are files on the user's disk
