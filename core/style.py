@@ -136,10 +136,12 @@ def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     """
     if share.full_attention:
         return full_shared_attention(q, k, v, heads, layout)
+    if not layout.target_rows:
+        return sdpa_attention(q, k, v, heads)
     chunks, rows, ref = layout.chunks, layout.rows_per_chunk, layout.reference_index
     tokens, width = q.shape[1], q.shape[2]
-    # (chunks, rows, heads, tokens, head_dim): SDPA takes any leading batch dims.
-    split = lambda t: t.view(chunks, rows, tokens, heads, width // heads).transpose(2, 3)  # noqa: E731
+    # (chunks, rows, heads, tokens, head_dim) views: a chunk's targets are a slice, no gather needed.
+    split = lambda t: t.reshape(chunks, rows, tokens, heads, width // heads).transpose(2, 3)  # noqa: E731
     q5, k5, v5 = split(q), split(k), split(v)
     others = lambda t: t[:, 1:] if ref == 0 else torch.cat([t[:, :ref], t[:, ref + 1:]], dim=1)  # noqa: E731
     ref_k, ref_v = k5[:, ref:ref + 1].expand(-1, rows - 1, -1, -1, -1), v5[:, ref:ref + 1].expand(-1, rows - 1, -1, -1, -1)

@@ -168,3 +168,9 @@ def test_zero_reference_control_zeroes_only_reference_rows():
     zero_rows = [1, 4]
     assert torch.all(out["output"][0][zero_rows] == 0) and torch.all(out["middle"][0][[0, 2, 3, 5]] == 2)
     assert torch.all(residual == 1)  # the host's tensors are not written to
+
+
+def test_a_chunk_of_one_image_is_plain_attention():
+    q, k, v = qkv(2)
+    out = style_attention(q, k, v, HEADS, chunk_layout(2, 2), AdaINSettings(), ShareSettings(0.5, 1.0))
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, HEADS))
