@@ -48,7 +48,7 @@ def main() -> None:
             with torch.no_grad():
                 runs = {name: (lambda u=u: u(latents, 500, **kwargs)) for name, u in
                         (("vanilla", vanilla), ("ours", ours), ("paper", paper))}
-                seconds = alternate(runs, repeats=7)
+                seconds = alternate(runs, repeats=9)
                 memory = {name: peak_mib(run) for name, run in runs.items()}
             print(f"  {args_name:32s} {size}x{size}: vanilla {seconds['vanilla'] * 1000:6.1f} ms/step; "
                   f"ours x{seconds['ours'] / seconds['vanilla']:.2f}, paper x{seconds['paper'] / seconds['vanilla']:.2f}, "

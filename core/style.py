@@ -228,31 +228,41 @@ def score_shift_for_weight(weight: float) -> float:
     return math.log(weight)
 
 
-def attach_shared_norm(norms: Iterable[torch.nn.Module],
+def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """`shared_norm` for a GroupNorm, from statistics alone: no stacked copy of the features.
+
+    Stacking two equal-sized maps gives the group mean (m_i + m_r)/2 and the (biased, as GroupNorm)
+    variance (v_i + v_r)/2 + ((m_i - m_r)/2)^2, so the joint normalisation needs only each row's stats.
+    """
+    batch, channels = x.shape[:2]
+    # Statistics in at least float32, as torch's GroupNorm keeps them for half-precision inputs.
+    groups = x.reshape(batch, norm.num_groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+    mean = groups.mean(dim=-1, keepdim=True)
+    var = (groups - mean).square().mean(dim=-1, keepdim=True)
+    ref_mean, ref_var = mean[reference_of_row], var[reference_of_row]
+    joint_mean = (mean + ref_mean) / 2
+    joint_var = (var + ref_var) / 2 + ((mean - ref_mean) / 2).square()
+    out = ((groups - joint_mean) * torch.rsqrt(joint_var + norm.eps)).reshape(x.shape).to(x.dtype)
+    if norm.weight is None:
+        return out
+    affine = (1, channels) + (1,) * (x.ndim - 2)
+    return torch.addcmul(norm.bias.to(out).view(affine), out, norm.weight.to(out).view(affine))
+
+
+def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
                        reference_of_row: Callable[[int], torch.Tensor | None]) -> list[RemovableHandle]:
-    """Make each GroupNorm in `norms` compute `shared_norm` through forward hooks.
+    """Make each GroupNorm in `norms` compute `shared_norm` (as `joint_group_norm`) through a forward hook.
 
     `reference_of_row(batch)` gives the reference row of every row for the batch at hand, or None
     to leave that call plain. Hooks replace no module and no `forward`; removing the returned
     handles restores the modules exactly.
     """
-    handles: list[RemovableHandle] = []
-    for norm in norms:
-        heights: list[int | None] = []
 
-        def stack_reference(module: torch.nn.Module, args: tuple, heights: list = heights) -> tuple | None:
-            x = args[0]
-            refs = reference_of_row(x.shape[0])
-            heights.append(None if refs is None else x.shape[-2])
-            return None if refs is None else (torch.cat([x, x[refs.to(x.device)]], dim=-2), *args[1:])
+    def share_statistics(module: torch.nn.GroupNorm, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        refs = reference_of_row(args[0].shape[0])
+        return None if refs is None else joint_group_norm(args[0], refs.to(args[0].device), module)
 
-        def keep_own_half(module: torch.nn.Module, args: tuple, out: torch.Tensor, heights: list = heights) -> torch.Tensor | None:
-            height = heights.pop()
-            return None if height is None else out[..., :height, :]
-
-        handles.append(norm.register_forward_pre_hook(stack_reference))
-        handles.append(norm.register_forward_hook(keep_own_half))
-    return handles
+    return [norm.register_forward_hook(share_statistics) for norm in norms]
 
 
 def zero_reference_control(control: dict[str, list[torch.Tensor | None]], layout: ChunkLayout) -> dict[str, list[torch.Tensor | None]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multicond.core.chunks import chunk_layout
-from multicond.core.style import (AdaINSettings, ShareSettings, adain, attach_shared_norm, sdpa_attention,
+from multicond.core.style import (AdaINSettings, ShareSettings, adain, attach_shared_norm, joint_group_norm, sdpa_attention,
                                   shared_attention, shared_attention_full_batch, shared_norm, style_attention,
                                   token_mean_std, zero_reference_control)
 
@@ -174,3 +174,15 @@ def test_a_chunk_of_one_image_is_plain_attention():
     q, k, v = qkv(2)
     out = style_attention(q, k, v, HEADS, chunk_layout(2, 2), AdaINSettings(), ShareSettings(0.5, 1.0))
     torch.testing.assert_close(out, sdpa_attention(q, k, v, HEADS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_joint_group_norm_equals_stacked_group_norm(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 8, 5, 7, generator=g) * 3 + 2).to(dtype)
+    norm = torch.nn.GroupNorm(2, 8).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    refs = chunk_layout(2, 6, reference_index=2).reference_of_row()
+    tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(joint_group_norm(x, refs, norm), shared_norm(x, refs, norm), **tolerance)
