@@ -40,14 +40,16 @@ def main() -> None:
     model = tiny.build("sdxl")
     variants = {"vanilla": model, "paper defaults": style_aligned(model, True),
                 "without shared GroupNorm": style_aligned(model, False)}
-    print(f"ComfyUI {COMFY.name}, tiny SDXL-shaped UNet, batch 1+3 with CFG, {STEPS} euler steps, PyTorch SDPA attention, 1 thread")
+    import comfyui_version
+
+    print(f"ComfyUI {comfyui_version.__version__}, tiny SDXL-shaped UNet, batch 1+3 with CFG, {STEPS} euler steps, PyTorch SDPA attention, 1 thread")
     for size in (32, 64):
         runs = {name: (lambda m=m: tiny.sample(m, "sdxl", batch=4, size=size, steps=STEPS)) for name, m in variants.items()}
         seconds = alternate(runs, repeats=5)
         memory = {name: peak_mib(run) for name, run in runs.items()}
         for name in variants:
             print(f"  {size}x{size} latent  {name:26s} {seconds[name] / STEPS * 1000:8.1f} ms/step  "
-                  f"x{seconds[name] / seconds['vanilla']:.2f} time  peak +{memory[name]:.0f} MiB (x{memory[name] / memory['vanilla']:.2f})")
+                  f"x{seconds[name] / seconds['vanilla']:.2f} time  peak tensors {memory[name]:.0f} MiB (x{memory[name] / memory['vanilla']:.2f})")
 
 
 if __name__ == "__main__":
