@@ -237,16 +237,18 @@ def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torc
     batch, channels = x.shape[:2]
     # Statistics in at least float32, as torch's GroupNorm keeps them for half-precision inputs.
     groups = x.reshape(batch, norm.num_groups, -1).to(torch.promote_types(x.dtype, torch.float32))
-    mean = groups.mean(dim=-1, keepdim=True)
-    var = (groups - mean).square().mean(dim=-1, keepdim=True)
+    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
     ref_mean, ref_var = mean[reference_of_row], var[reference_of_row]
     joint_mean = (mean + ref_mean) / 2
     joint_var = (var + ref_var) / 2 + ((mean - ref_mean) / 2).square()
-    out = ((groups - joint_mean) * torch.rsqrt(joint_var + norm.eps)).reshape(x.shape).to(x.dtype)
-    if norm.weight is None:
-        return out
-    affine = (1, channels) + (1,) * (x.ndim - 2)
-    return torch.addcmul(norm.bias.to(out).view(affine), out, norm.weight.to(out).view(affine))
+    # Fold normalisation and affine into one per-channel x * scale + shift over the features.
+    scale = torch.rsqrt(joint_var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
+    shift = -joint_mean.repeat_interleave(channels // norm.num_groups, dim=1) * scale
+    if norm.weight is not None:
+        weight, bias = norm.weight.to(scale), norm.bias.to(scale)
+        scale, shift = scale * weight, shift * weight + bias
+    per_channel = (batch, channels) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel)).to(x.dtype)
 
 
 def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
