@@ -91,8 +91,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 def token_mean_std(x: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std over tokens (dim -2) per channel; unbiased variance plus eps, as the original."""
     # Two plain passes: torch's var/var_mean over a non-last dim runs several times slower on CPU.
+    # A mean, not a sum, of squares: a half-precision sum over 4096 tokens can overflow.
+    tokens = x.shape[-2]
     mean = x.mean(dim=-2, keepdim=True)
-    var = (x - mean).square().sum(dim=-2, keepdim=True) / (x.shape[-2] - 1)
+    var = (x - mean).square().mean(dim=-2, keepdim=True) * (tokens / (tokens - 1))
     return mean, (var + eps).sqrt()
 
 

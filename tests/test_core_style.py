@@ -186,3 +186,10 @@ def test_joint_group_norm_equals_stacked_group_norm(dtype):
     refs = chunk_layout(2, 6, reference_index=2).reference_of_row()
     tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(joint_group_norm(x, refs, norm), shared_norm(x, refs, norm), **tolerance)
+
+
+def test_half_precision_statistics_do_not_overflow():
+    x = torch.randn(2, 4096, 8, generator=torch.Generator().manual_seed(0)) * 20
+    mean, std = token_mean_std(x.half())
+    assert torch.isfinite(std).all()
+    torch.testing.assert_close(std.float(), token_mean_std(x)[1], rtol=1e-2, atol=1e-2)
