@@ -1,0 +1,306 @@
+"""Conditional Balance core: grading files, per-timestep selection, and the JSD analysis math."""
+
+from __future__ import annotations
+
+import codecs
+import io
+import itertools
+import math
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.balance import (Grading, check_grading, grade, image_pairs, jsd_diagonal_gaussian, load_grading,
+                          nearest_timestep, restricted_unpickle, save_grading, select_at, shared_at,
+                          style_layer_count, token_statistics, trimmed_mean)
+from core.errors import InputError
+from core.layers import SD1, SDXL
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conditional-balance"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data/conditional-balance")
+ORIGINALS = ["style_layer_grading", "style_balance_grading_v"]
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="published gradings not found")
+
+
+class _TestUnpickler(pickle.Unpickler):
+    # Independent of core.balance: numpy scalars rebuilt from their raw bytes with np.frombuffer.
+    def find_class(self, module: str, name: str):
+        if name == "scalar":
+            return lambda dtype, data: np.frombuffer(data, dtype=dtype)[0]
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _raw(path: Path) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        return _TestUnpickler(io.BytesIO(archive.read(name))).load()
+
+
+def _torch_zip(path: Path, payload: bytes, folder: str = "archive") -> Path:
+    # The torch.save zip layout: <folder>/data.pkl next to byteorder and version.
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{folder}/data.pkl", payload)
+        archive.writestr(f"{folder}/byteorder", "little")
+        archive.writestr(f"{folder}/version", "3\n")
+    return path
+
+
+def _random_grading(seed: int = 0, features: tuple[str, ...] = ("q", "k", "v")) -> Grading:
+    g = torch.Generator().manual_seed(seed)
+    timesteps = tuple(range(981, 0, -20))
+    grades = {f: torch.rand(len(timesteps), len(SDXL.layers), generator=g, dtype=torch.float64) for f in features}
+    return Grading("sdxl", SDXL.layers, timesteps, grades, f"random{seed}")
+
+
+# ---------------------------------------------------------------- the published files
+
+@needs_data
+@pytest.mark.parametrize("file", ORIGINALS)
+def test_original_loads_with_expected_shape(file: str) -> None:
+    grading = load_grading(DATA / file)
+    assert grading.family == "sdxl" and len(grading.layers) == 70 and set(grading.layers) == set(SDXL.layers)
+    assert grading.timesteps == tuple(range(981, 0, -20))
+    assert set(grading.grades) == ({"q", "k", "v"} if file.endswith("_v") else {"q", "k"})
+    assert grading.name == ("image_series_v_rabbit" if file.endswith("_v") else "combined_texture_v2")
+    check_grading(grading, SDXL, "LayerBalance")
+
+
+@needs_data
+@pytest.mark.parametrize("file", ORIGINALS)
+@pytest.mark.parametrize("t", [981, 1])
+def test_original_top30_matches_independent_parse(file: str, t: int) -> None:
+    raw = _raw(DATA / file)
+    names = [n.removesuffix(".processor") for n in raw["layer_names"]]
+    selection = select_at(load_grading(DATA / file), float(t), 30)
+    for feature in ("q", "k"):
+        lowest = np.argsort(np.array(raw["stats"][t][feature], dtype=np.float64), kind="stable")[:30]
+        assert {SDXL.diffusers_path(layer) for layer in selection[feature]} == {names[i] for i in lowest}
+    assert shared_at(selection) == selection["q"] | selection["k"]
+
+
+@needs_data
+def test_published_grading_numbers_survive_loading() -> None:
+    raw = _raw(DATA / ORIGINALS[1])
+    grading = load_grading(DATA / ORIGINALS[1])
+    expected = np.array([raw["stats"][t]["v"] for t in grading.timesteps], dtype=np.float64)
+    np.testing.assert_array_equal(grading.grades["v"].numpy(), expected)
+
+
+@needs_data
+def test_check_grading_refuses_another_family() -> None:
+    with pytest.raises(InputError, match="sdxl but the model is sd1"):
+        check_grading(load_grading(DATA / ORIGINALS[0]), SD1, "LayerBalance")
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no grading file") as info:
+        load_grading(tmp_path / "nope")
+    assert (info.value.node, info.value.input_name) == ("LayerBalance", "grading")
+    assert "conditional-balance" in info.value.fix
+
+
+@needs_data
+def test_corrupt_files(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes((DATA / ORIGINALS[0]).read_bytes()[:5000])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(300))
+    bad_pickle = _torch_zip(tmp_path / "bad_pickle", b"\x80\x02not a pickle")
+    not_a_grading = _torch_zip(tmp_path / "list", pickle.dumps([1, 2, 3], protocol=2))
+    for path in (truncated, garbage, bad_pickle, not_a_grading, tmp_path / "bad.json"):
+        if path.suffix == ".json":
+            path.write_text("{ not json")
+        with pytest.raises(InputError, match=path.name):
+            load_grading(path, node="N", input_name="g")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"layer_names": [], "stats": {}, "x": _Evil(marker)}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="system is not allowed"):
+        restricted_unpickle(payload)
+    with pytest.raises(InputError, match="not allowed"):
+        load_grading(_torch_zip(tmp_path / "evil", payload))
+    assert not marker.exists()
+    # Object-dtype numpy scalars would unpickle arbitrary objects; the scalar reconstructor refuses them.
+    with pytest.raises(pickle.UnpicklingError):
+        # scalar(dtype("O")): GLOBAL scalar, GLOBAL dtype, ("O8", False, True) REDUCE, TUPLE1, REDUCE.
+        restricted_unpickle(b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\n"
+                            b"X\x02\x00\x00\x00O8\x89\x88\x87R\x85R.")
+
+
+def test_unknown_layer_names(tmp_path: Path) -> None:
+    names = [f"down_blocks.0.attentions.0.transformer_blocks.{i}.attn1.processor" for i in range(2)]
+    payload = pickle.dumps({"layer_names": names, "stats": {1: {"q": [0.5, 0.5], "k": [0.5, 0.5]}}}, protocol=2)
+    with pytest.raises(InputError, match="not a self-attention layer of SDXL"):
+        load_grading(_torch_zip(tmp_path / "sd1ish", payload))
+    path = save_grading(_random_grading(), tmp_path / "g.json")
+    path.write_text(path.read_text().replace('"input.4.0"', '"input.99.0"'))
+    with pytest.raises(InputError, match="input.99.0 are not in a sdxl UNet"):
+        load_grading(path)
+    path.write_text(path.read_text().replace('"input.99.0"', '"upper.4"'))
+    with pytest.raises(InputError, match="unknown layer names"):
+        load_grading(path)
+
+
+def test_check_grading_refuses_layers_the_model_lacks() -> None:
+    small = Grading("sd1", SDXL.layers[:2], (1,), {f: torch.zeros(1, 2) for f in "qk"})
+    with pytest.raises(InputError, match="not in this model"):
+        check_grading(small, SD1, "LayerBalance")
+
+
+# ---------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_round_trip(tmp_path: Path, suffix: str) -> None:
+    original = _random_grading(3)
+    # Shuffle the layer order: the file's order must survive, not a canonical one.
+    order = torch.randperm(70, generator=torch.Generator().manual_seed(1)).tolist()
+    original = Grading("sdxl", tuple(original.layers[i] for i in order), original.timesteps,
+                       {f: t[:, order] for f, t in original.grades.items()}, "shuffled")
+    loaded = load_grading(save_grading(original, tmp_path / f"grading{suffix}"))
+    assert (loaded.family, loaded.layers, loaded.timesteps, loaded.name) == \
+        (original.family, original.layers, original.timesteps, original.name)
+    assert set(loaded.grades) == set(original.grades)
+    for f in original.grades:
+        assert torch.equal(loaded.grades[f], original.grades[f])
+
+
+def test_safetensors_without_grading_metadata(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match="no grading metadata"):
+        load_grading(tmp_path / "model.safetensors")
+
+
+# ---------------------------------------------------------------- using a grading
+
+def test_style_layer_count() -> None:
+    assert style_layer_count(0.43, 70, "N") == 30  # the paper's default, truncated as int(0.43 * 70)
+    assert style_layer_count(0.57, 70, "N") == 39
+    assert style_layer_count(1.0, 70, "N") == 70
+    assert style_layer_count(30.0, 70, "N") == 30 and style_layer_count(70, 70, "N") == 70
+    for bad in (0.0, -0.2, 1.5, 30.5, 71.0, float("nan"), float("inf")):
+        with pytest.raises(InputError) as info:
+            style_layer_count(bad, 70, "LayerBalance")
+        assert info.value.input_name == "lambda_s" and "0.43" in info.value.fix
+
+
+def test_nearest_timestep() -> None:
+    grading = _random_grading()
+    assert nearest_timestep(grading, 999.0) == 981
+    assert nearest_timestep(grading, 0.3) == 1
+    assert nearest_timestep(grading, 950.0) == 941 and nearest_timestep(grading, 955.0) == 961
+    assert nearest_timestep(grading, 951.0) == 961  # a tie goes to the noisier key
+    assert nearest_timestep(grading, 500.4) == 501
+
+
+def test_select_lowest_and_stable() -> None:
+    grading = _random_grading(features=("q", "k"))
+    grading.grades["q"][5] = torch.arange(70, 0, -1, dtype=torch.float64)  # layer 69 lowest, then 68, …
+    grading.grades["k"][5] = 0.5  # all tied: a stable sort keeps file order
+    selection = select_at(grading, float(grading.timesteps[5]) + 3, 4)
+    assert selection["q"] == frozenset(SDXL.layers[66:70])
+    assert selection["k"] == frozenset(SDXL.layers[:4])
+    assert shared_at(selection) == frozenset(SDXL.layers[:4] + SDXL.layers[66:70])
+
+
+# ---------------------------------------------------------------- analysis math
+
+def test_token_statistics_match_unbiased_std_plus_eps() -> None:
+    x = torch.randn(3, 17, 5, dtype=torch.float64)
+    mean, std = token_statistics(x)
+    assert mean.shape == std.shape == (3, 5)
+    torch.testing.assert_close(mean, x.mean(1))
+    torch.testing.assert_close(std, (x.var(1, unbiased=True) + 1e-5).sqrt())
+
+
+def test_jsd_properties() -> None:
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    s1 = torch.rand(4, 8, generator=g, dtype=torch.float64) + 0.1
+    s2 = torch.rand(4, 8, generator=g, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(jsd_diagonal_gaussian(m1, s1, m1, s1), torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(jsd_diagonal_gaussian(m1, s1, m2, s2), jsd_diagonal_gaussian(m2, s2, m1, s1))
+    assert (jsd_diagonal_gaussian(m1, s1, m2, s2) > 0).all()
+    # 1-D by hand: N(0, 1) and N(2, 9); midpoint N(1, 5):
+    # KL1 = ½(1/5 + 1/5 − 1 + ln 5), KL2 = ½(9/5 + 1/5 − 1 + ln 5/9).
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    expected = 0.25 * (0.4 + math.log(25 / 9))
+    assert jsd_diagonal_gaussian(one(0), one(1), one(2), one(3)).item() == pytest.approx(expected, rel=1e-12)
+    # Dimensions add up.
+    torch.testing.assert_close(jsd_diagonal_gaussian(m1, s1, m2, s2),
+                               sum(jsd_diagonal_gaussian(m1[:, d:d + 1], s1[:, d:d + 1], m2[:, d:d + 1], s2[:, d:d + 1])
+                                   for d in range(8)))
+
+
+def test_image_pairs_count_each_pair_once() -> None:
+    styles, samples = 4, 5
+    first, second, same = image_pairs(styles, samples)
+    pairs = list(zip(first.tolist(), second.tolist()))
+    assert sorted(pairs) == list(itertools.combinations(range(styles * samples), 2))  # each unordered pair once
+    assert int(same.sum()) == math.comb(samples, 2) * styles
+    assert int((~same).sum()) == math.comb(styles, 2) * samples**2
+    for (i, j), s in zip(pairs, same.tolist()):
+        assert s == (i // samples == j // samples)  # style-major: image = style * samples + sample
+
+
+def test_grade_matches_brute_force_and_vectorises() -> None:
+    styles, samples, batch, dim = 3, 4, 5, 6
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(styles, 1, batch, dim, generator=g, dtype=torch.float64) * 3
+    means = (centres + 0.3 * torch.randn(styles, samples, batch, dim, generator=g, dtype=torch.float64)).flatten(0, 1)
+    stds = torch.rand(styles * samples, batch, dim, generator=g, dtype=torch.float64) + 0.5
+    result = grade(means, stds, styles, samples, chunk=7)
+    assert result.shape == (batch,)
+    for b in range(batch):
+        same, diff = [], []
+        for i, j in itertools.combinations(range(styles * samples), 2):
+            jsd = jsd_diagonal_gaussian(means[i, b], stds[i, b], means[j, b], stds[j, b]).item()
+            (same if i // samples == j // samples else diff).append(jsd)
+        assert result[b].item() == pytest.approx(np.mean(same) / np.mean(diff), rel=1e-10)
+    assert (result < 1).all()  # images cluster by style here, so same-style JSD is the smaller
+    identical = torch.ones(styles * samples, dim, dtype=torch.float64)
+    assert grade(identical, identical, styles, samples).item() == 1.0  # both means 0 → 1
+    with pytest.raises(ValueError):
+        grade(identical[:-1], identical[:-1], styles, samples)
+
+
+def test_trimmed_mean() -> None:
+    gradings = [_random_grading(seed) for seed in range(5)]
+    gradings[2] = Grading("sdxl", gradings[2].layers, gradings[2].timesteps,
+                          {f: t for f, t in gradings[2].grades.items() if f != "v"}, "qk only")
+    combined = trimmed_mean(gradings)
+    assert set(combined.grades) == {"q", "k"} and combined.layers == gradings[0].layers
+    stack = np.stack([g.grades["k"].numpy() for g in gradings])
+    np.testing.assert_allclose(combined.grades["k"].numpy(), np.sort(stack, axis=0)[1:-1].mean(axis=0))
+    # Another layer order is matched by layer id, not by column.
+    flipped = gradings[4]
+    gradings[4] = Grading("sdxl", flipped.layers[::-1], flipped.timesteps,
+                          {f: t.flip(1) for f, t in flipped.grades.items()})
+    torch.testing.assert_close(trimmed_mean(gradings).grades["q"], combined.grades["q"])
+    with pytest.raises(InputError, match="at least 3"):
+        trimmed_mean(gradings[:2])
+    with pytest.raises(InputError, match="differ"):
+        trimmed_mean(gradings[:2] + [Grading("sdxl", SDXL.layers, (1,), {f: torch.zeros(1, 70) for f in "qk"})])
