@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.balance import (Grading, check_grading, grade, image_pairs, jsd_diagonal_gaussian, load_grading,
+from multicond.core.balance import (Grading, check_grading, grade, image_pairs, jsd_diagonal_gaussian, load_grading,
                           nearest_timestep, restricted_unpickle, save_grading, select_at, shared_at,
                           style_layer_count, token_statistics, trimmed_mean)
-from core.errors import InputError
-from core.layers import SD1, SDXL
+from multicond.core.errors import InputError
+from multicond.core.layers import SD1, SDXL
 
+# The project's shared/ folder sits beside the checkout (and beside CI's clone).
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conditional-balance"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/conditional-balance")
 ORIGINALS = ["style_layer_grading", "style_balance_grading_v"]
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="published gradings not found")
 
