@@ -41,11 +41,16 @@ def build(kind: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatcher
     config = TinySD15(dict(SD15_CONFIG)) if kind == "sd15" else TinySDXL(dict(SDXL_CONFIG))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
+    randomize(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """comfy ops skip weight init (torch.empty), so every weight gets small random values."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.diffusion_model.parameters():  # comfy ops skip init: the weights start empty
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
 def conditioning(kind: str, seed: int, tokens: int = 77) -> list:
@@ -80,11 +85,10 @@ def build_vae(seed: int = 0):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    generator = torch.Generator().manual_seed(seed)
-    model = AutoencoderKL(ddconfig=dict(TINY_VAE_DDCONFIG), embed_dim=4)
-    state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
-    config = {"params": {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": 4}}
-    return comfy.sd.VAE(sd=state, config=config)
+    params = {"ddconfig": dict(TINY_VAE_DDCONFIG), "embed_dim": 4}
+    model = AutoencoderKL(**params)
+    randomize(model, seed)
+    return comfy.sd.VAE(sd=model.state_dict(), config={"params": params}, dtype=torch.float32)
 
 
 def build_controlnet(seed: int = 0):
@@ -95,8 +99,5 @@ def build_controlnet(seed: int = 0):
 
     config = {k: v for k, v in SD15_CONFIG.items() if k not in ("out_channels", "transformer_depth_output")}
     model = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=2, operations=comfy.ops.disable_weight_init, **config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    randomize(model, seed)
     return comfy.controlnet.ControlNet(model, load_device=mm.get_torch_device())

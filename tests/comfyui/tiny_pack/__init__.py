@@ -4,7 +4,7 @@ The workflow test links this folder into a throwaway ComfyUI's `custom_nodes/` a
 `CheckpointLoaderSimple` of a shipped workflow for `MultiCondTest_TinyCheckpoint`. The MODEL is a
 tiny SD1.5- or SDXL-shaped UNet of the real comfy classes (configs from `tests/comfyui/tiny.py`),
 the CLIP is comfy's own SD1.5 / SDXL text encoder (real tokenizers) with tiny transformer
-configs, and the VAE is comfy's AutoencoderKL with a tiny config and the usual 8x downscale.
+configs, and the VAE is the tiny AutoencoderKL of `tests/comfyui/tiny.py` (the usual 8x downscale).
 Nothing is downloaded and nothing is read from disk but the tokenizers that ship with ComfyUI.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-import comfy.ldm.models.autoencoder
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
@@ -37,10 +36,6 @@ CLIP_G_SDXL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
 SDXL_POOLED = 1280  # SDXL's adm input (2816) = pooled CLIP-G (1280) + 6 size embeddings of 256
 SDXL_CONTEXT = CLIP_L_SDXL["hidden_size"] + CLIP_G_SDXL["hidden_size"]
 
-VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # 3 downsamples: x8
-
-
 def _load_tiny_module() -> ModuleType:
     """tests/comfyui/tiny.py: from MULTICOND_TINY_MODELS (set by the test), else next to this package."""
     name = "multicond_test_tiny_models"
@@ -52,14 +47,6 @@ def _load_tiny_module() -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """comfy ops skip weight init (torch.empty), so every weight gets small random values."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
 def model_config(family: str) -> Any:
@@ -74,7 +61,7 @@ def model_config(family: str) -> Any:
 
 def build_model(config: Any, seed: int) -> comfy.model_patcher.ModelPatcher:
     model = config.get_model({}, device=torch.device("cpu"))
-    _randomize(model.diffusion_model, seed)
+    _load_tiny_module().randomize(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
 
 
@@ -87,15 +74,12 @@ def build_clip(config: Any, family: str, seed: int) -> comfy.sd.CLIP:
     if family == "sdxl":  # comfy's projection is hidden -> hidden; SDXL needs a 1280-wide pooled output
         width = CLIP_G_SDXL["hidden_size"]
         encoder.clip_g.transformer.text_projection = comfy.ops.manual_cast.Linear(width, SDXL_POOLED, bias=False)
-    _randomize(encoder, seed + 1)
+    _load_tiny_module().randomize(encoder, seed + 1)
     return clip
 
 
 def build_vae(seed: int) -> comfy.sd.VAE:
-    params = {"embed_dim": 4, "ddconfig": VAE_DDCONFIG}
-    autoencoder = comfy.ldm.models.autoencoder.AutoencoderKL(**params)
-    _randomize(autoencoder, seed + 2)
-    return comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params}, dtype=torch.float32)
+    return _load_tiny_module().build_vae(seed + 2)
 
 
 class TinyCheckpoint:
