@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .layers import SD1, SD2, SDXL, LayerId, UNetLayout
+from .layers import SDXL, LayerId, LayerSelection, UNetLayout
 from .style import ADAIN_EPS, token_mean_std
 
 FEATURES = ("q", "k", "v")
 FORMAT = "multicond.grading"
 FORMAT_VERSION = 1
-_LAYOUTS = {layout.family: layout for layout in (SD1, SD2, SDXL)}
 _GET_IT = ("The published gradings are the files in grading_files/ of github.com/Nadavc220/conditional-balance; "
            "a grading saved by this pack is a .safetensors or .json file")
 
@@ -178,12 +177,9 @@ def _from_json(doc: Any, path: Path, node: str, input_name: str,
                     "Layer ids look like 'output.1.3'; re-save the grading with this pack.") from None
     if grades is None:
         grades = {f: torch.tensor(table, dtype=torch.float64) for f, table in doc["grades"].items()}
+    # Layers are checked against the model the grading is used with (`check_grading`), not a canonical
+    # layout, so a grading computed on any SD1/2/SDXL-shaped UNet loads.
     family = str(doc["family"])
-    layout = _LAYOUTS.get(family)
-    if layout is not None and not set(layers) <= set(layout.layers):
-        unknown = sorted(str(layer) for layer in set(layers) - set(layout.layers))
-        raise _fail(node, input_name, path, f"layers {', '.join(unknown[:5])} are not in a {family} UNet",
-                    "Re-save the grading with the layer ids of its model family.")
     grading = Grading(family, layers, tuple(int(t) for t in doc["timesteps"]), grades, str(doc.get("name", "")))
     return _validated(grading, path, node, input_name)
 
@@ -265,6 +261,20 @@ def select_at(grading: Grading, timestep: float, count: int) -> dict[str, frozen
 def shared_at(selection: dict[str, frozenset[LayerId]]) -> frozenset[LayerId]:
     """Layers that share attention: the original sets `share_attention = adain_q or adain_k`."""
     return selection["q"] | selection["k"]
+
+
+def graded_selection(grading: Grading, count: int, label: str = "") -> LayerSelection:
+    """The handler's per-timestep choice as a layer selection: AdaIN on the `count` lowest-graded
+    layers per feature, attention shared where q or k is chosen (`update_adain_layers`)."""
+    schedule: dict[int, dict[LayerId, frozenset[str]]] = {}
+    for timestep in grading.timesteps:
+        chosen = select_at(grading, timestep, count)
+        shared = shared_at(chosen)
+        layers = shared.union(*chosen.values())
+        schedule[timestep] = {layer: frozenset(f for f, picked in chosen.items() if layer in picked)
+                              | ({"share"} if layer in shared else set()) for layer in layers}
+    every = frozenset(layer for by_layer in schedule.values() for layer in by_layer)
+    return LayerSelection(grading.family, every, label or f"{grading.name} top {count}", schedule)
 
 
 # ---------------------------------------------------------------- producing a grading

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InputError
 
@@ -129,13 +129,31 @@ def switch_vector(total: int, level: float) -> list[bool]:
     return [(i % stride == 0) != flip for i in range(total)]
 
 
+STYLE_FEATURES = frozenset({"q", "k", "v", "share"})  # AdaIN on q/k/v, shared attention
+
+
 @dataclass(frozen=True)
 class LayerSelection:
-    """Which self-attention layers a style patch acts on, for one architecture family."""
+    """Which self-attention layers a style patch acts on, for one architecture family.
+
+    Static unless `schedule` is given: then, at each scheduled timestep, which of q/k/v/share each
+    layer gets (Conditional Balance); a timestep between keys takes the nearest one.
+    """
 
     family: str
     layers: frozenset[LayerId]
     label: str = ""
+    schedule: dict[int, dict[LayerId, frozenset[str]]] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def per_timestep(self) -> bool:
+        return self.schedule is not None
+
+    def features(self, layer: LayerId, timestep: float = 0.0) -> frozenset[str]:
+        if self.schedule is None:
+            return STYLE_FEATURES if layer in self.layers else frozenset()
+        key = min(self.schedule, key=lambda t: (abs(t - timestep), -t))
+        return self.schedule[key].get(layer, frozenset())
 
     def check(self, layout: UNetLayout, node: str, input_name: str = "layers") -> None:
         if self.family != layout.family:

@@ -7,7 +7,8 @@ a foreign patch on the layer is kept and delegated to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import comfy.patcher_extension
@@ -15,7 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from ..core.layers import LayerId, LayerSelection, select_all
+from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
 from ..core.style import AdaINSettings, ShareSettings, attach_shared_norm, style_attention, zero_reference_control
 from .common import (CATEGORY, LAYERS_TYPE, batch_layout, current_sigma, existing_replace, model_layout,
                      plain_attention, sigma_range)
@@ -36,9 +37,21 @@ class Stage:
     sigma_high: float
     sigma_low: float
     reference_index: int
+    selection: LayerSelection | None = None
+    log_sigmas: torch.Tensor | None = field(default=None, compare=False)  # the model's, for per-timestep selections
 
     def active(self, sigma: float) -> bool:
         return self.sigma_low <= sigma <= self.sigma_high
+
+    def features(self, layer: LayerId, sigma: float) -> frozenset[str]:
+        """What the selection allows on `layer` at this sigma (everything without a selection)."""
+        if self.selection is None:
+            return STYLE_FEATURES
+        if not self.selection.per_timestep:
+            return self.selection.features(layer)
+        # ComfyUI's ModelSamplingDiscrete.timestep: the index of the nearest log-sigma.
+        timestep = float((self.log_sigmas - math.log(max(sigma, 1e-10))).abs().argmin())
+        return self.selection.features(layer, timestep)
 
 
 @dataclass(frozen=True)
@@ -60,15 +73,12 @@ class StylePatch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         sigma = current_sigma(extra_options)
-        adain = self.adain if self.adain is not None and self.adain.active(sigma) else None
-        share = self.share if self.share is not None and self.share.active(sigma) else None
-        if adain is None and share is None:
+        adain_settings, share_settings = self._adain_at(sigma), self._share_at(sigma)
+        if adain_settings is None and share_settings is None:
             return self._attention(q, k, v, extra_options)
-        stage = share or adain
+        stage = self.share or self.adain
         layout = batch_layout(extra_options["cond_or_uncond"], q.shape[0], stage.reference_index, stage.node)
         heads = extra_options["n_heads"]
-        adain_settings = adain.settings if adain else None
-        share_settings = share.settings if share else None
         if self.inner is None:
             return style_attention(q, k, v, heads, layout, adain_settings, share_settings)
 
@@ -79,6 +89,19 @@ class StylePatch:
             return self.inner(q, k, v, extra_options)
 
         return style_attention(q, k, v, heads, layout, adain_settings, share_settings, delegated, full_batch=True)
+
+    def _adain_at(self, sigma: float) -> AdaINSettings | None:
+        if self.adain is None or not self.adain.active(sigma):
+            return None
+        allowed, wanted = self.adain.features(self.layer, sigma), self.adain.settings
+        settings = replace(wanted, queries=wanted.queries and "q" in allowed, keys=wanted.keys and "k" in allowed,
+                           values=wanted.values and "v" in allowed)
+        return settings if settings.any else None
+
+    def _share_at(self, sigma: float) -> ShareSettings | None:
+        if self.share is None or not self.share.active(sigma) or "share" not in self.share.features(self.layer, sigma):
+            return None
+        return self.share.settings
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
@@ -114,6 +137,10 @@ def install_stage(model: Any, kind: str, stage: Stage, layers: LayerSelection | 
     layout = model_layout(model, stage.node)
     selection = layers if layers is not None else select_all(layout)
     selection.check(layout, stage.node)
+    if selection.per_timestep:
+        stage = replace(stage, selection=selection, log_sigmas=model.get_model_object("model_sampling").log_sigmas.float().cpu())
+    elif layers is not None:
+        stage = replace(stage, selection=selection)
     patched = model.clone()
     for layer in layout.layers:
         if layer not in selection.layers:

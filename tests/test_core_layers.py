@@ -79,3 +79,10 @@ def test_selection_for_another_architecture_is_refused():
     selection = select_evenly_spaced(SD1, 0.0)
     with pytest.raises(InputError, match="for sd1 but the model is sdxl"):
         selection.check(SDXL, "SharedAttention")
+
+
+def test_static_selection_gives_every_feature_on_its_layers_only():
+    selection = select_blocks(SDXL, "output.1")
+    assert selection.features(LayerId("output", 1, 0), 500.0) == {"q", "k", "v", "share"}
+    assert selection.features(LayerId("output", 2, 0), 500.0) == frozenset()
+    assert not selection.per_timestep

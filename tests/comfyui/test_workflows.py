@@ -34,10 +34,12 @@ if COMFYUI is None:
 
 HOST = "127.0.0.1"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts")
+MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts",
+                   "MultiCond_LayerBalance")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 REFERENCE_IMAGE = "multicond_test_reference.png"
-FILE_INPUTS = frozenset({"ckpt_name", "image"})  # choices are files on the user's disk
+FILE_INPUTS = frozenset({"ckpt_name", "image", "grading"})  # choices are files on the user's disk
+TINY_GRADING = "multicond_test_grading.json"
 SIZE = 64  # pixels: an 8x8 latent
 STEPS = 2
 INVERSION_STEPS, INVERSION_OFFSET = 3, 1
@@ -86,6 +88,23 @@ def prepare_base(base: Path) -> None:
     link_or_copy(ROOT, base / "custom_nodes" / "multicond")
     link_or_copy(Path(__file__).parent / "tiny_pack", base / "custom_nodes" / "multicond_tiny_pack")
     write_reference_image(base / "input" / REFERENCE_IMAGE)
+    write_tiny_grading(base / "models" / "multicond_gradings" / TINY_GRADING)
+
+
+def write_tiny_grading(path: Path) -> None:
+    """A random grading over the tiny SDXL model's 17 layers, for workflows that load one."""
+    import torch
+
+    from multicond.core.balance import Grading, save_grading
+    from multicond.core.inversion import ddim_timesteps
+    from multicond.core.layers import UNetLayout
+
+    layers = UNetLayout("sdxl", (1, 1, 1), (0, 2, 3), 2).layers  # tests/comfyui/tiny.py's SDXL shape
+    timesteps = tuple(ddim_timesteps(50))
+    generator = torch.Generator().manual_seed(0)
+    grades = {f: torch.rand(len(timesteps), len(layers), generator=generator, dtype=torch.float64) for f in "qk"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grading(Grading("sdxl", layers, timesteps, grades, "tiny"), path)
 
 
 def write_reference_image(path: Path) -> None:
@@ -169,6 +188,8 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
             inputs.update(inversion_steps=INVERSION_STEPS, offset=INVERSION_OFFSET)
         elif kind == "LoadImage":
             inputs["image"] = REFERENCE_IMAGE
+        elif kind == "MultiCond_LayerBalance":
+            inputs["grading"] = TINY_GRADING
     return graph
 
 

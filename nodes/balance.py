@@ -1,0 +1,100 @@
+"""LayerBalance: which self-attention layers carry the style (Conditional Balance, Cohen et al. 2025).
+
+Produces the layer selection that Shared Attention and AdaIN Style take: from a grading (at each
+timestep the lambda_s lowest-graded, i.e. most style-sensitive, layers), from a preset, or from a
+block list typed by the user.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..core.balance import check_grading, graded_selection, load_grading, style_layer_count
+from ..core.errors import InputError
+from ..core.layers import LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced
+from .common import CATEGORY, model_layout
+from .style import LayerSelectionInput
+
+LAYER_BALANCE = "MultiCond_LayerBalance"
+GRADINGS = "multicond_gradings"  # models/multicond_gradings/: where users put grading files
+NO_GRADING = "none"
+SOURCES = ("grading", "preset", "blocks")
+PRESETS = ("all layers", "style blocks (IPAdapter)", "composition blocks (IPAdapter)", "evenly spaced (only_self_level)")
+# IPAdapter's "style transfer" / "composition" weight types (InstantStyle's blocks), in ComfyUI block numbers;
+# SD1.5's composition weights input.7 at a quarter and input.8 fully: both are selected here.
+STYLE_BLOCKS = {"sdxl": "output.1", "sd1": "input.1, input.2, input.4, input.5, output.5, output.6, output.7, "
+                "output.8, output.9, output.10, output.11"}
+COMPOSITION_BLOCKS = {"sdxl": "input.8", "sd1": "input.7, input.8"}
+
+if GRADINGS not in folder_paths.folder_names_and_paths:
+    folder_paths.add_model_folder_path(GRADINGS, os.path.join(folder_paths.models_dir, GRADINGS))
+
+
+def preset_selection(layout: UNetLayout, preset: str, only_self_level: float) -> LayerSelection:
+    if preset == PRESETS[0]:
+        return select_all(layout)
+    if preset == PRESETS[3]:
+        return select_evenly_spaced(layout, only_self_level)
+    blocks = (STYLE_BLOCKS if preset == PRESETS[1] else COMPOSITION_BLOCKS)[layout.family.replace("sd2", "sd1")]
+    return select_blocks(layout, blocks, LAYER_BALANCE, "preset")
+
+
+def grading_selection(layout: UNetLayout, grading: str, lambda_s: float) -> LayerSelection:
+    path = folder_paths.get_full_path(GRADINGS, grading) if grading != NO_GRADING else None
+    if path is None:
+        raise InputError(LAYER_BALANCE, "grading", f"no grading file chosen ({grading!r})",
+                         f"Put a grading file in models/{GRADINGS}/ (see the README), refresh, and pick it.")
+    loaded = load_grading(path, LAYER_BALANCE, "grading")
+    check_grading(loaded, layout, LAYER_BALANCE)
+    return graded_selection(loaded, style_layer_count(lambda_s, len(layout.layers), LAYER_BALANCE))
+
+
+class LayerBalance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=LAYER_BALANCE,
+            display_name="Layer Balance (Conditional Balance)",
+            category=f"{CATEGORY}/style",
+            description="Chooses the self-attention layers that Shared Attention and AdaIN Style act on. From a "
+                        "grading, at every step the lambda_s most style-sensitive layers get AdaIN on q/k(/v) and "
+                        "share attention where q or k is chosen (Cohen et al. 2025); or a preset; or a block list.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the selection is for (its architecture and layers)."),
+                io.Combo.Input("source", options=list(SOURCES), default="grading",
+                               tooltip="grading: per-step choice from a grading file; preset: a fixed set; "
+                                       "blocks: the block list below."),
+                io.Combo.Input("grading", options=[NO_GRADING, *folder_paths.get_filename_list(GRADINGS)],
+                               tooltip=f"A grading file from models/{GRADINGS}/ (the published SDXL gradings "
+                                       "style_layer_grading / style_balance_grading_v, or one this pack computed)."),
+                io.Float.Input("lambda_s", default=0.43, min=0.0, max=1000.0, step=0.01,
+                               tooltip="How many layers carry the style: a fraction of the model's self-attention "
+                                       "layers in (0, 1] (paper: 0.43; 0.57 with a ControlNet) or a whole count."),
+                io.Combo.Input("preset", options=list(PRESETS), default=PRESETS[0],
+                               tooltip="With source 'preset': every layer, IPAdapter's style or composition blocks, "
+                                       "or StyleAligned's evenly spaced only_self_level choice."),
+                io.Float.Input("only_self_level", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="For the evenly spaced preset: the fraction of layers left unshared "
+                                       "(StyleAligned's only_self_level)."),
+                io.String.Input("blocks", default="output.1", multiline=False,
+                                tooltip="With source 'blocks': e.g. 'output.1, input.8:0-3, middle' "
+                                        "(':a-b' picks transformer depths)."),
+            ],
+            outputs=[LayerSelectionInput.Output(display_name="layers",
+                                                tooltip="The layer selection, for the layers input of Shared "
+                                                        "Attention and AdaIN Style.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, source: str, grading: str, lambda_s: float, preset: str, only_self_level: float,
+                blocks: str) -> io.NodeOutput:
+        layout = model_layout(model, LAYER_BALANCE)
+        if source == "grading":
+            return io.NodeOutput(grading_selection(layout, grading, lambda_s))
+        if source == "preset":
+            return io.NodeOutput(preset_selection(layout, preset, only_self_level))
+        return io.NodeOutput(select_blocks(layout, blocks, LAYER_BALANCE, "blocks"))

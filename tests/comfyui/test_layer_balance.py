@@ -1,0 +1,100 @@
+"""LayerBalance in a real ComfyUI: per-step layer choice from a grading, presets, block lists, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from .comfy_host import find_comfyui
+
+if find_comfyui() is None:
+    pytest.skip("no ComfyUI found (see tests/comfyui/conftest.py)", allow_module_level=True)
+
+import folder_paths  # noqa: E402
+import torch  # noqa: E402
+
+from multicond.core.balance import Grading, save_grading, select_at, shared_at  # noqa: E402
+from multicond.core.errors import InputError  # noqa: E402
+from multicond.core.layers import LayerId  # noqa: E402
+from multicond.nodes.balance import GRADINGS, NO_GRADING, LayerBalance  # noqa: E402
+from multicond.nodes.common import model_layout, plain_attention  # noqa: E402
+
+from . import tiny  # noqa: E402
+from .test_style_nodes import adain, shared  # noqa: E402
+
+TIMESTEPS = (999, 750, 500, 250, 0)
+
+
+def balance(model, **overrides):
+    inputs = dict(source="grading", grading=NO_GRADING, lambda_s=0.43, preset="all layers", only_self_level=0.0,
+                  blocks="output.1")
+    return LayerBalance.execute(model, **{**inputs, **overrides}).args[0]
+
+
+@pytest.fixture
+def grading_file(tmp_path):
+    """A random grading for the tiny SD1.5 model, in a folder ComfyUI lists for LayerBalance."""
+    model = tiny.build("sd15")
+    layers = model_layout(model, "test").layers
+    g = torch.Generator().manual_seed(11)
+    grading = Grading("sd1", layers, TIMESTEPS, {f: torch.rand(len(TIMESTEPS), len(layers), generator=g, dtype=torch.float64)
+                                                 for f in "qk"}, "tiny")
+    save_grading(grading, tmp_path / "tiny_grading.json")
+    folder_paths.add_model_folder_path(GRADINGS, str(tmp_path))
+    yield grading, "tiny_grading.json"
+    folder_paths.folder_names_and_paths[GRADINGS][0].remove(str(tmp_path))
+
+
+def test_each_step_shares_and_normalises_exactly_the_graded_layers(grading_file):
+    grading, name = grading_file
+    model = tiny.build("sd15")
+    seen: list[tuple] = []
+
+    def recording(q, k, v, extra_options):
+        # Delegated to by our patch: the keys tell sharing; the targets' query means tell AdaIN.
+        rows = q.shape[0] // len(extra_options["cond_or_uncond"])
+        means = q.mean(dim=1)
+        seen.append((extra_options["block"], extra_options["block_index"], float(extra_options["sigmas"].max()),
+                     k.shape[1] // q.shape[1] == 2, torch.allclose(means[1], means[0], atol=1e-5) and rows > 1))
+        return plain_attention(q, k, v, extra_options)
+
+    base = model.clone()
+    layout = model_layout(model, "test")
+    for layer in layout.layers:
+        base.set_model_attn1_replace(recording, *layer.comfy_key)
+    selection = balance(model, grading=name, lambda_s=3.0)
+    styled = adain(shared(base, share_group_norm=False, layers=selection), layers=selection)
+    tiny.sample(styled, "sd15", batch=3, steps=4)
+    sampling = model.get_model_object("model_sampling")
+    assert len(seen) == 4 * len(layout.layers)
+    for block, depth, sigma, was_shared, was_normalised in seen:
+        layer = LayerId(block[0], block[1], depth)
+        timestep = float(sampling.timestep(torch.tensor(sigma)))
+        chosen = select_at(grading, timestep, 3)
+        assert was_shared == (layer in shared_at(chosen))
+        assert was_normalised == (layer in chosen["q"])
+
+
+def test_presets_and_block_lists():
+    sdxl = tiny.build("sdxl")
+    style = balance(sdxl, source="preset", preset="style blocks (IPAdapter)")
+    assert style.layers == {layer for layer in model_layout(sdxl, "t").layers if layer.block == "output" and layer.number == 1}
+    assert balance(sdxl, source="blocks", blocks="middle").layers == {LayerId("middle", 0, 0), LayerId("middle", 0, 1)}
+    assert len(balance(sdxl, source="preset", preset="all layers").layers) == 17
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({}, "input 'grading': no grading file chosen"),
+    ({"source": "blocks", "blocks": "input.99"}, "input 'blocks'"),
+    ({"source": "preset", "preset": "composition blocks (IPAdapter)"}, "input 'preset'"),
+])
+def test_errors_name_the_input(overrides, match):
+    with pytest.raises(InputError, match=f"MultiCond_LayerBalance: {match}"):
+        balance(tiny.build("sdxl"), **overrides)
+
+
+def test_grading_for_another_model_and_lambda_beyond_the_layers(grading_file):
+    _, name = grading_file
+    with pytest.raises(InputError, match="input 'grading'.*for sd1 but the model is sdxl"):
+        balance(tiny.build("sdxl"), grading=name)
+    with pytest.raises(InputError, match="input 'lambda_s'"):
+        balance(tiny.build("sd15"), grading=name, lambda_s=8.0)
