@@ -144,6 +144,7 @@ class LayerSelection:
     layers: frozenset[LayerId]
     label: str = ""
     schedule: dict[int, dict[LayerId, frozenset[str]]] | None = field(default=None, compare=False, hash=False)
+    lambda_t: float = 0.0  # Conditional Balance: a ControlNet's down residuals are dropped below t = lambda_t * 1000
 
     @property
     def per_timestep(self) -> bool:

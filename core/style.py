@@ -285,3 +285,12 @@ def zero_reference_control(control: dict[str, list[torch.Tensor | None]], layout
                         else r * keep.to(r.device, r.dtype).view(-1, *([1] * (r.ndim - 1)))
                         for r in residuals]
     return zeroed
+
+
+def release_control_geometry(control: dict[str, list[torch.Tensor | None]], timestep: float,
+                             lambda_t: float) -> dict[str, list[torch.Tensor | None]]:
+    """Conditional Balance's lambda_t: below t = lambda_t * 1000 a ControlNet's down-block residuals
+    (ComfyUI's `output` list) are dropped and its mid-block residual kept, freeing the geometry late."""
+    if lambda_t <= 0 or timestep >= lambda_t * 1000 or not control.get("output"):
+        return control
+    return {**control, "output": [None] * len(control["output"])}

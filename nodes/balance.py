@@ -8,6 +8,7 @@ block list typed by the user.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import folder_paths
@@ -83,6 +84,10 @@ class LayerBalance(io.ComfyNode):
                 io.String.Input("blocks", default="output.1", multiline=False,
                                 tooltip="With source 'blocks': e.g. 'output.1, input.8:0-3, middle' "
                                         "(':a-b' picks transformer depths)."),
+                io.Float.Input("lambda_t", default=0.85, min=0.0, max=1.0, step=0.01,
+                               tooltip="With a ControlNet: below timestep lambda_t*1000 its down-block residuals are "
+                                       "dropped (the mid-block one kept), freeing the geometry late in sampling "
+                                       "(paper: 0.85; 0 keeps the ControlNet throughout). Needs Shared Attention."),
             ],
             outputs=[LayerSelectionInput.Output(display_name="layers",
                                                 tooltip="The layer selection, for the layers input of Shared "
@@ -91,10 +96,12 @@ class LayerBalance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Any, source: str, grading: str, lambda_s: float, preset: str, only_self_level: float,
-                blocks: str) -> io.NodeOutput:
+                blocks: str, lambda_t: float = 0.85) -> io.NodeOutput:
         layout = model_layout(model, LAYER_BALANCE)
         if source == "grading":
-            return io.NodeOutput(grading_selection(layout, grading, lambda_s))
-        if source == "preset":
-            return io.NodeOutput(preset_selection(layout, preset, only_self_level))
-        return io.NodeOutput(select_blocks(layout, blocks, LAYER_BALANCE, "blocks"))
+            selection = grading_selection(layout, grading, lambda_s)
+        elif source == "preset":
+            selection = preset_selection(layout, preset, only_self_level)
+        else:
+            selection = select_blocks(layout, blocks, LAYER_BALANCE, "blocks")
+        return io.NodeOutput(replace(selection, lambda_t=lambda_t))

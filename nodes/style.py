@@ -17,7 +17,8 @@ from comfy_api.latest import io
 
 from ..core.errors import InputError
 from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
-from ..core.style import AdaINSettings, ShareSettings, attach_shared_norm, style_attention, zero_reference_control
+from ..core.style import (AdaINSettings, ShareSettings, attach_shared_norm, release_control_geometry, style_attention,
+                          zero_reference_control)
 from .common import (CATEGORY, LAYERS_TYPE, batch_layout, current_sigma, existing_replace, model_layout,
                      plain_attention, sigma_range)
 
@@ -120,6 +121,8 @@ class StyleBatchWrapper:
         layout = batch_layout(transformer_options["cond_or_uncond"], x.shape[0], self.stage.reference_index, self.stage.node)
         if control and self.zero_reference_control:
             control = zero_reference_control(control, layout)
+        if control and self.stage.selection is not None:
+            control = release_control_geometry(control, float(timesteps.max()), self.stage.selection.lambda_t)
         handles = []
         if self.share_group_norm and self.stage.active(current_sigma(transformer_options)):
             refs = layout.reference_of_row(x.device)
@@ -210,7 +213,7 @@ class SharedAttention(io.ComfyNode):
         patched = install_stage(model, "share", stage, layers) if share_attention or full_attention_share else model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY,
-                                     StyleBatchWrapper(stage, share_group_norm, zero_reference_control))
+                                     StyleBatchWrapper(replace(stage, selection=layers), share_group_norm, zero_reference_control))
         return io.NodeOutput(patched)
 
 

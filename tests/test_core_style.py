@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multicond.core.chunks import chunk_layout
-from multicond.core.style import (AdaINSettings, ShareSettings, adain, attach_shared_norm, joint_group_norm, sdpa_attention,
+from multicond.core.style import (AdaINSettings, ShareSettings, adain, attach_shared_norm, joint_group_norm, release_control_geometry, sdpa_attention,
                                   shared_attention, shared_attention_full_batch, shared_norm, style_attention,
                                   token_mean_std, zero_reference_control)
 
@@ -193,3 +193,11 @@ def test_half_precision_statistics_do_not_overflow():
     mean, std = token_mean_std(x.half())
     assert torch.isfinite(std).all()
     torch.testing.assert_close(std.float(), token_mean_std(x)[1], rtol=1e-2, atol=1e-2)
+
+
+def test_lambda_t_drops_down_residuals_late_and_keeps_the_middle():
+    control = {"output": [torch.ones(2, 1, 2, 2), None], "middle": [torch.ones(2, 1, 1, 1)], "input": [torch.ones(1)]}
+    late = release_control_geometry(control, 849.0, 0.85)
+    assert late["output"] == [None, None] and late["middle"] is control["middle"] and late["input"] is control["input"]
+    assert release_control_geometry(control, 850.0, 0.85) is control
+    assert release_control_geometry(control, 10.0, 0.0) is control

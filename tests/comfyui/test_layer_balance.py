@@ -98,3 +98,30 @@ def test_grading_for_another_model_and_lambda_beyond_the_layers(grading_file):
         balance(tiny.build("sdxl"), grading=name)
     with pytest.raises(InputError, match="input 'lambda_s'"):
         balance(tiny.build("sd15"), grading=name, lambda_s=8.0)
+
+
+def test_lambda_t_frees_the_controlnet_geometry_late_and_keeps_the_middle():
+    import comfy.patcher_extension
+    import nodes as comfy_nodes
+
+    model = tiny.build("sd15")
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+            tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2), tiny.build_controlnet(), hint, 1.0, 0.0, 1.0)
+    received = []
+
+    def spy(executor, x, timesteps, context, y, control, *args, **kwargs):
+        received.append((float(timesteps.max()), {name: list(r) for name, r in control.items()}))
+        return executor(x, timesteps, context, y, control, *args, **kwargs)
+
+    selection = balance(model, source="preset", lambda_t=0.5)
+    styled = adain(shared(model, layers=selection), layers=selection)
+    styled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.spy", spy)
+    tiny.sample(styled, "sd15", batch=3, steps=6, positive=positive, negative=negative)
+    late = [control for t, control in received if t < 500]
+    early = [control for t, control in received if t >= 500]
+    assert late and early
+    assert all(r is None for control in late for r in control["output"])
+    assert all(any(r is not None for r in control["output"]) for control in early)
+    assert all(control["middle"][0][[1, 2, 4, 5]].abs().amax() > 0 for control in late)  # mid residual kept for targets
