@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import InputError
 
 BLOCKS = ("input", "middle", "output")
@@ -225,3 +227,22 @@ def layout_from_layers(family: str, layers: Iterable[LayerId], res_blocks: Seque
     if set(layout.layers) != set(layers):
         raise ValueError(f"the model's attention layers do not follow the {family} UNet pattern")
     return layout
+
+
+def selection_chart(selection: LayerSelection, layers: Sequence[LayerId], timesteps: Sequence[float],
+                    cell: int = 6) -> torch.Tensor:
+    """The selection as an RGB image: a row per layer, a column per timestep (noisiest left).
+
+    Red = AdaIN on q, blue = on k, green = on v; a layer that only shares attention is grey.
+    """
+    colours = {"q": (1.0, 0.0, 0.0), "v": (0.0, 1.0, 0.0), "k": (0.0, 0.0, 1.0)}
+    chart = torch.zeros(len(layers), len(timesteps), 3)
+    for row, layer in enumerate(layers):
+        for column, timestep in enumerate(timesteps):
+            features = selection.features(layer, timestep)
+            for feature, colour in colours.items():
+                if feature in features:
+                    chart[row, column] += torch.tensor(colour)
+            if features == {"share"}:
+                chart[row, column] = 0.5
+    return chart.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)

@@ -16,7 +16,9 @@ from comfy_api.latest import io
 
 from ..core.balance import check_grading, graded_selection, load_grading, style_layer_count
 from ..core.errors import InputError
-from ..core.layers import LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced
+from ..core.inversion import ddim_timesteps
+from ..core.layers import (LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced,
+                           selection_chart)
 from .common import CATEGORY, model_layout
 from .style import LayerSelectionInput
 
@@ -91,7 +93,10 @@ class LayerBalance(io.ComfyNode):
             ],
             outputs=[LayerSelectionInput.Output(display_name="layers",
                                                 tooltip="The layer selection, for the layers input of Shared "
-                                                        "Attention and AdaIN Style.")],
+                                                        "Attention and AdaIN Style."),
+                     io.Image.Output(display_name="preview",
+                                     tooltip="The selection as an image: a row per self-attention layer, a column per "
+                                             "timestep (981 left to 1 right); red = AdaIN q, blue = k, green = v.")],
         )
 
     @classmethod
@@ -104,4 +109,6 @@ class LayerBalance(io.ComfyNode):
             selection = preset_selection(layout, preset, only_self_level)
         else:
             selection = select_blocks(layout, blocks, LAYER_BALANCE, "blocks")
-        return io.NodeOutput(replace(selection, lambda_t=lambda_t))
+        columns = sorted(selection.schedule, reverse=True) if selection.per_timestep else ddim_timesteps(50)
+        preview = selection_chart(selection, layout.layers, columns).unsqueeze(0)
+        return io.NodeOutput(replace(selection, lambda_t=lambda_t), preview)

@@ -86,3 +86,14 @@ def test_static_selection_gives_every_feature_on_its_layers_only():
     assert selection.features(LayerId("output", 1, 0), 500.0) == {"q", "k", "v", "share"}
     assert selection.features(LayerId("output", 2, 0), 500.0) == frozenset()
     assert not selection.per_timestep
+
+
+def test_selection_chart_rows_are_layers_and_colours_are_features():
+    from multicond.core.layers import LayerSelection, selection_chart
+
+    layers = SDXL.layers[:3]
+    schedule = {900: {layers[0]: frozenset({"q", "k", "share"})}, 100: {layers[1]: frozenset({"v"}), layers[2]: frozenset({"share"})}}
+    chart = selection_chart(LayerSelection("sdxl", frozenset(layers), schedule=schedule), layers, [900, 100], cell=2)
+    assert chart.shape == (6, 4, 3)
+    assert chart[0, 0].tolist() == [1.0, 0.0, 1.0] and chart[0, 2].tolist() == [0.0, 0.0, 0.0]
+    assert chart[2, 2].tolist() == [0.0, 1.0, 0.0] and chart[4, 3].tolist() == [0.5, 0.5, 0.5]

@@ -27,7 +27,7 @@ TIMESTEPS = (999, 750, 500, 250, 0)
 def balance(model, **overrides):
     inputs = dict(source="grading", grading=NO_GRADING, lambda_s=0.43, preset="all layers", only_self_level=0.0,
                   blocks="output.1")
-    return LayerBalance.execute(model, **{**inputs, **overrides}).args[0]
+    return LayerBalance.execute(model, **{**inputs, **overrides}).args[0]  # the selection; args[1] is the preview
 
 
 @pytest.fixture
@@ -125,3 +125,16 @@ def test_lambda_t_frees_the_controlnet_geometry_late_and_keeps_the_middle():
     assert all(r is None for control in late for r in control["output"])
     assert all(any(r is not None for r in control["output"]) for control in early)
     assert all(control["middle"][0][[1, 2, 4, 5]].abs().amax() > 0 for control in late)  # mid residual kept for targets
+
+
+def test_preview_shows_the_graded_choice_per_step(grading_file):
+    grading, name = grading_file
+    model = tiny.build("sd15")
+    selection, preview = LayerBalance.execute(model, source="grading", grading=name, lambda_s=3.0, preset="all layers",
+                                              only_self_level=0.0, blocks="output.1").args
+    layers = model_layout(model, "test").layers
+    assert preview.shape == (1, 6 * len(layers), 6 * len(TIMESTEPS), 3)
+    for column, timestep in enumerate(sorted(TIMESTEPS, reverse=True)):
+        chosen = select_at(grading, timestep, 3)
+        red = preview[0, 3::6, 6 * column + 3, 0] == 1.0
+        assert red.tolist() == [layer in chosen["q"] for layer in layers]
