@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,20 @@ class ShareSettings:
     score_scale: float = 1.0
     score_shift: float = 0.0
     full_attention: bool = False
+
+
+def allowed_adain(settings: AdaINSettings | None, allowed: frozenset[str]) -> AdaINSettings | None:
+    """AdaIN narrowed to the projections a layer selection allows here (Conditional Balance's q/k/v choice)."""
+    if settings is None:
+        return None
+    narrowed = replace(settings, queries=settings.queries and "q" in allowed, keys=settings.keys and "k" in allowed,
+                       values=settings.values and "v" in allowed)
+    return narrowed if narrowed.any else None
+
+
+def allowed_share(settings: ShareSettings | None, allowed: frozenset[str]) -> ShareSettings | None:
+    """Sharing where the selection allows it (the original shares where q or k is chosen)."""
+    return settings if settings is not None and "share" in allowed else None
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

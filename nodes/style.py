@@ -17,8 +17,8 @@ from comfy_api.latest import io
 
 from ..core.errors import InputError
 from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
-from ..core.style import (AdaINSettings, ShareSettings, attach_shared_norm, release_control_geometry, style_attention,
-                          zero_reference_control)
+from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
+                          release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, LAYERS_TYPE, batch_layout, current_sigma, existing_replace, model_layout,
                      plain_attention, sigma_range)
 
@@ -94,15 +94,12 @@ class StylePatch:
     def _adain_at(self, sigma: float) -> AdaINSettings | None:
         if self.adain is None or not self.adain.active(sigma):
             return None
-        allowed, wanted = self.adain.features(self.layer, sigma), self.adain.settings
-        settings = replace(wanted, queries=wanted.queries and "q" in allowed, keys=wanted.keys and "k" in allowed,
-                           values=wanted.values and "v" in allowed)
-        return settings if settings.any else None
+        return allowed_adain(self.adain.settings, self.adain.features(self.layer, sigma))
 
     def _share_at(self, sigma: float) -> ShareSettings | None:
-        if self.share is None or not self.share.active(sigma) or "share" not in self.share.features(self.layer, sigma):
+        if self.share is None or not self.share.active(sigma):
             return None
-        return self.share.settings
+        return allowed_share(self.share.settings, self.share.features(self.layer, sigma))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)

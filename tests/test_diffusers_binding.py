@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 
 from multicond.core.diffusers_binding import (StyleAlignedProcessor, install_style_aligned, shared_layers, tiny_unet,
                                               unet_layout)
-from multicond.core.layers import SD1, SDXL
+from multicond.core.layers import SD1, SDXL, LayerSelection
 from multicond.core.style import StyleAlignedArgs
 
 from .paper_style_aligned import paper_shared_names, paper_switch_vector, paper_unet
@@ -170,3 +170,21 @@ def test_a_batch_without_room_for_the_chunks_is_an_error(unet: UNet2DConditionMo
     with install_style_aligned(unet, chunks=4):
         with pytest.raises(ValueError, match="cannot be split into 4"):
             run_unet(unet)
+
+
+def test_a_per_timestep_selection_follows_the_unet_timestep(unet: UNet2DConditionModel) -> None:
+    layout = unet_layout(unet)
+    early, late = frozenset(layout.layers[:2]), frozenset(layout.layers[-3:])
+    features = frozenset({"q", "k", "share"})
+    schedule = {900: {layer: features for layer in early}, 100: {layer: features for layer in late}}
+    graded = LayerSelection(layout.family, early | late, schedule=schedule)
+    args = StyleAlignedArgs(share_group_norm=False)
+    plain = run_unet(unet, timestep=51)
+    for timestep, chosen in ((951, early), (51, late)):
+        with install_style_aligned(unet, args, layers=graded):
+            per_step = run_unet(unet, timestep=timestep)
+        with install_style_aligned(unet, args, layers=LayerSelection(layout.family, chosen)):
+            static = run_unet(unet, timestep=timestep)
+        assert torch.equal(per_step, static)
+    assert not torch.allclose(per_step, plain)
+    assert torch.equal(run_unet(unet, timestep=51), plain)  # the clock hook went with the handle

@@ -19,8 +19,9 @@ from diffusers.models.attention_processor import Attention
 from torch.utils.hooks import RemovableHandle
 
 from ..chunks import ChunkLayout, chunk_layout
-from ..layers import LayerSelection, UNetLayout, select_evenly_spaced
-from ..style import AdaINSettings, ShareSettings, StyleAlignedArgs, attach_shared_norm, style_attention
+from ..layers import LayerId, LayerSelection, UNetLayout, select_evenly_spaced
+from ..style import (AdaINSettings, ShareSettings, StyleAlignedArgs, allowed_adain, allowed_share, attach_shared_norm,
+                     style_attention)
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
 
@@ -86,6 +87,17 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class StepClock:
+    """The UNet call's timestep, written by a forward pre-hook for per-timestep layer selections."""
+
+    timestep: float = 0.0
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        self.timestep = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+
+
+@dataclass
 class StyleAlignedProcessor:
     """diffusers attention processor for one shared self-attention layer (`SharedAttentionProcessor`).
 
@@ -97,6 +109,9 @@ class StyleAlignedProcessor:
     share: ShareSettings | None
     chunks: int = CFG_CHUNKS
     reference_index: int = 0
+    layer: LayerId | None = None
+    selection: LayerSelection | None = None  # per-timestep choice (Conditional Balance), read through `clock`
+    clock: StepClock | None = None
 
     def layout(self, batch: int) -> ChunkLayout:
         return chunk_layout(self.chunks, batch, self.reference_index)
@@ -124,7 +139,11 @@ class StyleAlignedProcessor:
             query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
         if attn.norm_k is not None:
             key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
-        out = style_attention(query, key, value, attn.heads, self.layout(query.shape[0]), self.adain, self.share)
+        adain, share = self.adain, self.share
+        if self.selection is not None:
+            allowed = self.selection.features(self.layer, self.clock.timestep if self.clock else 0.0)
+            adain, share = allowed_adain(adain, allowed), allowed_share(share, allowed)
+        out = style_attention(query, key, value, attn.heads, self.layout(query.shape[0]), adain, share)
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
 
         if input_ndim == 4:
@@ -172,24 +191,37 @@ def _reference_rows(chunks: int, reference_index: int) -> Callable[[int], torch.
 
 
 def install_style_aligned(unet_or_pipeline: Any, args: StyleAlignedArgs = StyleAlignedArgs(), chunks: int = CFG_CHUNKS,
-                          reference_index: int = 0) -> StyleAlignedHandle:
+                          reference_index: int = 0, layers: LayerSelection | None = None) -> StyleAlignedHandle:
     """Turn StyleAligned on for a UNet (or a pipeline's `.unet`); returns the handle that turns it off.
 
     `chunks` equal chunks make up each UNet batch (2: diffusers' [uncond, cond] CFG halves, the
     original's `b // 2` rule); the reference image is row `reference_index` of every chunk.
+    `layers` replaces `args.only_self_level` with a layer selection; one made from a grading
+    (`core.balance.graded_selection`, Conditional Balance) is followed per UNet timestep.
     """
     unet = unet_of(unet_or_pipeline)
     if any(isinstance(p, StyleAlignedProcessor) for p in unet.attn_processors.values()):
         raise RuntimeError("StyleAligned is already installed on this UNet; remove() the first handle before installing again")
     if chunks < 1 or reference_index < 0:
         raise ValueError(f"chunks must be >= 1 and reference_index >= 0, got {chunks} and {reference_index}")
-    layers = shared_layers(unet, args.only_self_level)
-    processor = StyleAlignedProcessor(args.adain, args.share, chunks, reference_index)
-    handle = StyleAlignedHandle(unet, layers, {path: unet.get_submodule(path).processor for path in layers})
-    for path in layers:
+    if layers is None:
+        paths = shared_layers(unet, args.only_self_level)
+        processors = dict.fromkeys(paths, StyleAlignedProcessor(args.adain, args.share, chunks, reference_index))
+        clock = None
+    else:
+        layout = unet_layout(unet)
+        layers.check(layout, "install_style_aligned")
+        clock = StepClock() if layers.per_timestep else None
+        chosen = [layer for layer in layout.layers if layer in layers.layers]
+        processors = {layout.diffusers_path(layer): StyleAlignedProcessor(args.adain, args.share, chunks, reference_index,
+                                                                          layer, layers, clock) for layer in chosen}
+    handle = StyleAlignedHandle(unet, list(processors), {path: unet.get_submodule(path).processor for path in processors})
+    for path, processor in processors.items():
         unet.get_submodule(path).set_processor(processor)
+    if clock is not None:
+        handle.hooks.append(unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
     if args.share_group_norm:
         norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
-        handle.hooks = attach_shared_norm(norms, _reference_rows(chunks, reference_index))
+        handle.hooks += attach_shared_norm(norms, _reference_rows(chunks, reference_index))
     # share_layer_norm has no effect: LayerNorm normalises over channels, the reference is stacked along tokens.
     return handle
