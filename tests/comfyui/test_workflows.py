@@ -38,7 +38,7 @@ MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCo
                    "MultiCond_LayerBalance")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 REFERENCE_IMAGE = "multicond_test_reference.png"
-FILE_INPUTS = frozenset({"ckpt_name", "image", "grading"})  # choices are files on the user's disk
+FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
 TINY_GRADING = "multicond_test_grading.json"
 SIZE = 64  # pixels: an 8x8 latent
 STEPS = 2
@@ -175,11 +175,14 @@ def load_workflow(path: Path) -> dict:
 def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
     """Tiny loader, 64 px, a few steps; everything else as the workflow has it."""
     graph = json.loads(json.dumps(graph))
+    checkpoints = [node["inputs"]["ckpt_name"] for node in graph.values() if node["class_type"] == "CheckpointLoaderSimple"]
+    family = "sdxl" if any("xl" in name.lower() for name in checkpoints) else "sd15"
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            family = "sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"
             node["class_type"], node["inputs"] = TINY_LOADER, {"family": family, "seed": 0}
+        elif kind == "ControlNetLoader":
+            node["class_type"], node["inputs"] = "MultiCondTest_TinyControlNet", {"family": family, "seed": 0}
         elif kind in ("EmptyLatentImage", "ImageScale"):
             inputs.update(width=SIZE, height=SIZE)
         elif kind == "KSampler":

@@ -91,13 +91,17 @@ def build_vae(seed: int = 0):
     return comfy.sd.VAE(sd=model.state_dict(), config={"params": params}, dtype=torch.float32)
 
 
-def build_controlnet(seed: int = 0):
-    """A tiny random comfy.controlnet.ControlNet matching the tiny SD1.5 UNet."""
+def build_controlnet(kind: str = "sd15", seed: int = 0, context_dim: int | None = None):
+    """A tiny random comfy.controlnet.ControlNet matching the tiny UNet of `kind`."""
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
 
-    config = {k: v for k, v in SD15_CONFIG.items() if k not in ("out_channels", "transformer_depth_output")}
-    model = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=2, operations=comfy.ops.disable_weight_init, **config)
+    base = SD15_CONFIG if kind == "sd15" else SDXL_CONFIG
+    config = {k: v for k, v in base.items() if k not in ("out_channels", "transformer_depth_output")}
+    if context_dim is not None:
+        config["context_dim"] = context_dim
+    heads = {"num_heads": 2} if kind == "sd15" else {"num_head_channels": 16}
+    model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **heads, **config)
     randomize(model, seed)
     return comfy.controlnet.ControlNet(model, load_device=mm.get_torch_device())

@@ -25,6 +25,7 @@ import comfy.ops
 import comfy.sd
 
 TINY_NODE = "MultiCondTest_TinyCheckpoint"
+TINY_CONTROLNET = "MultiCondTest_TinyControlNet"
 TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
 FAMILIES = ("sd15", "sdxl")
 
@@ -102,5 +103,25 @@ class TinyCheckpoint:
         return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
 
 
-NODE_CLASS_MAPPINGS = {TINY_NODE: TinyCheckpoint}
-NODE_DISPLAY_NAME_MAPPINGS = {TINY_NODE: "Tiny Checkpoint (MultiCond test)"}
+class TinyControlNet:
+    """Stands in for ControlNetLoader: a tiny random ControlNet matching the tiny model of the family."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:  # noqa: N802 - ComfyUI's V1 node API
+        return {"required": {
+            "family": (list(FAMILIES), {"default": "sd15", "tooltip": "Architecture of the tiny model."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the random weights."}),
+        }}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Test only: a tiny random ControlNet (MultiCond workflow test)."
+
+    def load(self, family: str, seed: int) -> tuple[Any]:
+        context = SDXL_CONTEXT if family == "sdxl" else None
+        return (_load_tiny_module().build_controlnet(family, seed + 3, context_dim=context),)
+
+
+NODE_CLASS_MAPPINGS = {TINY_NODE: TinyCheckpoint, TINY_CONTROLNET: TinyControlNet}
+NODE_DISPLAY_NAME_MAPPINGS = {TINY_NODE: "Tiny Checkpoint (MultiCond test)", TINY_CONTROLNET: "Tiny ControlNet (MultiCond test)"}
