@@ -138,3 +138,21 @@ def test_preview_shows_the_graded_choice_per_step(grading_file):
         chosen = select_at(grading, timestep, 3)
         red = preview[0, 3::6, 6 * column + 3, 0] == 1.0
         assert red.tolist() == [layer in chosen["q"] for layer in layers]
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "exponential", "sgm_uniform", "beta"])
+def test_every_scheduler_step_takes_the_nearest_graded_timestep(grading_file, scheduler):
+    import comfy.samplers
+
+    from multicond.nodes.style import StylePatch
+
+    grading, name = grading_file
+    model = tiny.build("sd15")
+    selection = balance(model, grading=name, lambda_s=3.0)
+    patch = next(iter(shared(model, layers=selection).model_options["transformer_options"]["patches_replace"]["attn1"].values()))
+    assert isinstance(patch, StylePatch)
+    sampling = model.get_model_object("model_sampling")
+    for sigma in comfy.samplers.calculate_sigmas(sampling, scheduler, 20)[:-1].tolist():
+        timestep = float(sampling.timestep(torch.tensor(sigma)))
+        nearest = min(TIMESTEPS, key=lambda t: (abs(t - timestep), -t))
+        assert patch.share.features(patch.layer, sigma) == selection.schedule[nearest].get(patch.layer, frozenset())
