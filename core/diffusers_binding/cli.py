@@ -1,7 +1,8 @@
 """Command line of the diffusers binding: `python -m multicond <command> ...`.
 
 Commands: `style-aligned` (a batch of images sharing the first one's style, optionally from a
-real reference image through DDIM inversion). Without `--checkpoint` a tiny random model is used:
+real reference image through DDIM inversion) and `analyze` (a Conditional Balance grading from a
+StyleAligned image series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random model is used:
 it shows the pipeline runs end to end, its images are noise.
 """
 
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from ..balance import save_grading
 from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
 from ..style import StyleAlignedArgs
+from .analysis import (Series, analyze_jobs, grade_series, grading_heatmap, load_series, load_stats, merge_shards,
+                       save_stats)
 from .pipeline import generate, invert_image, pin_reference
 from .style_aligned import shared_layers
 from .tiny import FAMILIES, TINY_IMAGE_SIZE, load_pipeline
@@ -80,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m multicond", description="MultiCond on diffusers pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_style_aligned_parser(commands)
+    _add_analyze_parser(commands)
     return parser
 
 
@@ -154,6 +160,70 @@ def _style_aligned(ns: argparse.Namespace) -> int:
         path = ns.out / f"{index:02d}-{role}{slug(prompt)}.png"
         image.save(path)
         print(path)
+    return 0
+
+
+SERIES_EXAMPLE = ('{"reference_prompt": "a dark brown rabbit", "content_prompt": "a dark brown rabbit", '
+                  '"styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 5}')
+
+
+def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("analyze", help="a Conditional Balance layer grading from a StyleAligned image series",
+                                 description="Generate styles x samples StyleAligned images, record every shared "
+                                             "self-attention layer's q/k/v statistics and grade the layers (JSD). "
+                                             "Under `accelerate launch` the jobs are split across processes.")
+    parser.add_argument("--series", type=Path, required=True, help=f"JSON file, e.g. {SERIES_EXAMPLE}")
+    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default %(default)s)")
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale, > 1 (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=10, help="sample j of every style starts from seed + 2j (default %(default)s)")
+    parser.add_argument("--no-adain-values", dest="adain_values", action="store_false",
+                        help="AdaIN on q and k only (the paper's geometry series); default q, k and v (texture)")
+    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/analysis"), help="output folder (default %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.set_defaults(run=run_analyze, parser=parser)
+
+
+def _series_or_exit(ns: argparse.Namespace) -> Series:
+    try:
+        return load_series(ns.series)
+    except ValueError as error:
+        ns.parser.error(f"--series {ns.series}: {error}. Fix: give a JSON file like {SERIES_EXAMPLE}")
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+def run_analyze(ns: argparse.Namespace) -> int:
+    series = _series_or_exit(ns)
+    if ns.cfg <= 1 or ns.steps < 1 or (ns.size is not None and ns.size % 8):
+        ns.parser.error("--cfg must be > 1, --steps >= 1 and --size a multiple of 8")
+    from accelerate import PartialState  # imported here: only this command shards
+
+    state = PartialState()
+    device = str(state.device) if state.num_processes > 1 else ns.device
+    if ns.checkpoint is None and state.is_main_process:
+        print(RANDOM_WEIGHTS_NOTICE)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    with _cpu_threads(1 if ns.checkpoint is None and device == "cpu" else None):
+        dtype = torch.float16 if ns.checkpoint and device.startswith("cuda") else torch.float32
+        pipe = load_pipeline(ns.checkpoint, ns.family, device, dtype, 0)
+        pipe.set_progress_bar_config(disable=True)
+        args = StyleAlignedArgs(share_group_norm=False, share_layer_norm=False, adain_values=ns.adain_values)
+        size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+        with state.split_between_processes(series.jobs) as jobs, \
+                tqdm(total=len(jobs), desc=f"analyze [{state.process_index}]", position=state.process_index) as bar:
+            stats = analyze_jobs(pipe, series, jobs, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, size=size,
+                                 args=args, progress=bar.update)
+        save_stats(stats, ns.out / f"stats-shard{state.process_index}.safetensors")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    shards = [load_stats(ns.out / f"stats-shard{i}.safetensors") for i in range(state.num_processes)]
+    grading = grade_series(merge_shards(shards), name=ns.series.stem)
+    print(save_grading(grading, ns.out / "grading.safetensors"))
+    grading_heatmap(grading).save(ns.out / "grading.png")
+    print(ns.out / "grading.png")
     return 0
 
 

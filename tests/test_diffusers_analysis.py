@@ -1,0 +1,113 @@
+"""Conditional Balance analysis on diffusers: a grading from a StyleAligned series of a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from multicond.core.balance import FEATURES, graded_selection, load_grading, save_grading, token_statistics
+from multicond.core.diffusers_binding import tiny_pipeline
+from multicond.core.diffusers_binding.analysis import (RecordingProcessor, Series, SeriesStats, analyze_shard,
+                                                       grade_series, job_seed, load_series, load_stats, merge_shards,
+                                                       save_stats, shard_jobs)
+from multicond.core.diffusers_binding.cli import main
+from multicond.core.diffusers_binding.style_aligned import StyleAlignedProcessor
+from multicond.core.layers import LayerId
+from multicond.core.style import AdaINSettings, ShareSettings
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+SERIES = Series("a house", "a cat", ("in Van Gogh style", "in Monet style"), 2)
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd1")
+
+
+@pytest.fixture(scope="module")
+def one_shard(pipe) -> SeriesStats:
+    return analyze_shard(pipe, SERIES, steps=STEPS)
+
+
+def test_grading_end_to_end(pipe, one_shard: SeriesStats, tmp_path: Path) -> None:
+    grading = grade_series(one_shard, name="tiny")
+    assert grading.timesteps == tuple(int(t) for t in pipe.scheduler.timesteps)
+    assert len(grading.timesteps) == STEPS and grading.family == "sd1"
+    for feature in FEATURES:
+        assert grading.grades[feature].shape == (STEPS, len(grading.layers))
+        assert torch.isfinite(grading.grades[feature]).all()
+    loaded = load_grading(save_grading(grading, tmp_path / "g.safetensors"))
+    assert loaded.layers == grading.layers and all(torch.equal(loaded.grades[f], grading.grades[f]) for f in FEATURES)
+    selection = graded_selection(loaded, 3)
+    assert set(selection.schedule) == set(grading.timesteps)
+
+
+def test_two_shards_equal_one(pipe, one_shard: SeriesStats, tmp_path: Path) -> None:
+    files = [save_stats(analyze_shard(pipe, SERIES, i, 2, steps=STEPS), tmp_path / f"s{i}.safetensors")
+             for i in range(2)]
+    merged = merge_shards([load_stats(f) for f in files])
+    one, two = grade_series(one_shard), grade_series(merged)
+    assert one.timesteps == two.timesteps and one.layers == two.layers
+    for feature in FEATURES:
+        assert torch.equal(one.grades[feature], two.grades[feature])
+
+
+def test_shards_cover_jobs_once() -> None:
+    jobs = list(range(7))
+    assert sorted(j for i in range(3) for j in shard_jobs(jobs, i, 3)) == jobs
+    assert job_seed(10, 0, 1) == job_seed(10, 1, 1) != job_seed(10, 0, 0)  # same noise per sample across styles
+
+
+def test_merge_refuses_overlap(one_shard: SeriesStats) -> None:
+    with pytest.raises(ValueError, match="more than one shard"):
+        merge_shards([one_shard, one_shard])
+
+
+def test_recorded_statistics_are_the_targets_only() -> None:
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    target = torch.randn(1, 16, 8)
+    reference = 100 + 50 * torch.randn(1, 16, 8)  # far from the target: any leak shows
+    target_u = torch.randn(1, 16, 8)
+    batch = torch.cat([reference, target_u, reference, target])  # [ref, tgt] per CFG half
+    seen = {}
+    inner = StyleAlignedProcessor(AdaINSettings(True, True, True), ShareSettings())
+    recorder = RecordingProcessor(inner, LayerId("input", 1, 0), lambda layer, f, m, s: seen.__setitem__(f, (m, s)))
+    out = recorder(attn, batch)
+    assert torch.equal(out, inner(attn, batch))  # recording changes nothing
+    for feature, project in zip(FEATURES, (attn.to_q, attn.to_k, attn.to_v)):
+        mean, std = token_statistics(project(torch.cat([target_u, target])))
+        assert torch.allclose(seen[feature][0], mean.flatten()) and torch.allclose(seen[feature][1], std.flatten())
+
+
+def test_cli_writes_grading_and_heatmap(tmp_path: Path) -> None:
+    series = tmp_path / "series.json"
+    series.write_text(json.dumps({"reference_prompt": "a house", "content_prompt": "a cat",
+                                  "styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 2}))
+    assert main(["analyze", "--series", str(series), "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    grading = load_grading(tmp_path / "out" / "grading.safetensors")
+    assert len(grading.timesteps) == 2
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "grading.png").size == (2 * 8, len(grading.layers) * 8)
+
+
+@pytest.mark.parametrize("text, problem", [("not json", "cannot read JSON"), ('{"styles": []}', "missing field"),
+                                           (json.dumps({"reference_prompt": "a", "content_prompt": "b",
+                                                        "styles": ["x", "y"], "samples_per_style": 1}),
+                                            "samples_per_style")])
+def test_bad_series_file(tmp_path: Path, text: str, problem: str, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "series.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        load_series(path)
+    with pytest.raises(SystemExit):
+        main(["analyze", "--series", str(path)])
+    err = capsys.readouterr().err
+    assert "--series" in err and problem in err and "Fix:" in err
