@@ -83,8 +83,8 @@ def build_vae(seed: int) -> comfy.sd.VAE:
     return _load_tiny_module().build_vae(seed + 2)
 
 
-class TinyCheckpoint:
-    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5 or SDXL."""
+class TinyLoader:
+    """What both test loaders take: the family of the tiny model and the seed of its weights."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:  # noqa: N802 - ComfyUI's V1 node API
@@ -93,9 +93,14 @@ class TinyCheckpoint:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the random weights."}),
         }}
 
+    CATEGORY = "_for_testing"
+
+
+class TinyCheckpoint(TinyLoader):
+    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5 or SDXL."""
+
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
-    CATEGORY = "_for_testing"
     DESCRIPTION = "Test only: tiny random models of the real comfy classes (MultiCond workflow test)."
 
     def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
@@ -103,19 +108,11 @@ class TinyCheckpoint:
         return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
 
 
-class TinyControlNet:
+class TinyControlNet(TinyLoader):
     """Stands in for ControlNetLoader: a tiny random ControlNet matching the tiny model of the family."""
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:  # noqa: N802 - ComfyUI's V1 node API
-        return {"required": {
-            "family": (list(FAMILIES), {"default": "sd15", "tooltip": "Architecture of the tiny model."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the random weights."}),
-        }}
 
     RETURN_TYPES = ("CONTROL_NET",)
     FUNCTION = "load"
-    CATEGORY = "_for_testing"
     DESCRIPTION = "Test only: a tiny random ControlNet (MultiCond workflow test)."
 
     def load(self, family: str, seed: int) -> tuple[Any]:
