@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 
 from multicond.core.balance import FEATURES, graded_selection, load_grading, save_grading, token_statistics
 from multicond.core.diffusers_binding import tiny_pipeline
-from multicond.core.diffusers_binding.analysis import (RecordingProcessor, Series, SeriesStats, analyze_shard,
+from multicond.core.diffusers_binding.analysis import (ProjectionRecorder, Series, SeriesStats, analyze_shard,
                                                        grade_series, job_seed, load_series, load_stats, merge_shards,
                                                        save_stats, shard_jobs)
 from multicond.core.diffusers_binding.cli import main
@@ -78,8 +79,9 @@ def test_recorded_statistics_are_the_targets_only() -> None:
     batch = torch.cat([reference, target_u, reference, target])  # [ref, tgt] per CFG half
     seen = {}
     inner = StyleAlignedProcessor(AdaINSettings(True, True, True), ShareSettings())
-    recorder = RecordingProcessor(inner, LayerId("input", 1, 0), lambda layer, f, m, s: seen.__setitem__(f, (m, s)))
-    out = recorder(attn, batch)
+    recording = replace(inner, layer=LayerId("input", 1, 0),
+                        observe=ProjectionRecorder(lambda layer, f, m, s: seen.__setitem__(f, (m, s))))
+    out = recording(attn, batch)
     assert torch.equal(out, inner(attn, batch))  # recording changes nothing
     for feature, project in zip(FEATURES, (attn.to_q, attn.to_k, attn.to_v)):
         mean, std = token_statistics(project(torch.cat([target_u, target])))

@@ -2,7 +2,7 @@
 
 Each job (style, sample) generates [reference + style, content + style] with StyleAligned as the
 paper's analysis sets it (no shared norms, AdaIN on q, k and optionally v). In every shared attn1
-layer and at every UNet timestep, `RecordingProcessor` stores the target image's token mean and std
+layer and at every UNet timestep, `ProjectionRecorder` stores the target image's token mean and std
 of the projected q, k, v before AdaIN, the reference rows of both CFG halves dropped and the
 halves concatenated (the original's `save_mean_std`). Statistics are per image, so shards of the
 series (`analyze_shard`) merge by union (`merge_shards`) and grade exactly as one run (`grade_series`).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from ..balance import FEATURES, Grading, grade, token_statistics
+from ..chunks import ChunkLayout
 from ..layers import LayerId
 from ..style import StyleAlignedArgs
 from .pipeline import generate
-from .style_aligned import StepClock, StyleAlignedProcessor, install_style_aligned, unet_family, unet_layout
+from .style_aligned import StepClock, install_style_aligned, unet_family, unet_layout
 
 STATS_FORMAT = "multicond.series-stats"
 # The paper's analysis settings: shared attention, AdaIN on q and k (v for texture), no shared norms.
@@ -101,26 +102,15 @@ def target_statistics(x: torch.Tensor, target_rows: Sequence[int]) -> tuple[torc
 
 
 @dataclass
-class RecordingProcessor:
-    """Wraps a `StyleAlignedProcessor`: passes the projected q, k, v (before AdaIN) of the target rows to `sink`.
+class ProjectionRecorder:
+    """A `StyleAlignedProcessor` observer: the target rows' q, k, v statistics (before AdaIN) go to `sink`."""
 
-    The projections are recomputed here (the inner processor does them again) so the StyleAligned
-    processor stays untouched; SD attn1 layers have no spatial/group norm nor q/k norm, checked below.
-    """
-
-    inner: StyleAlignedProcessor
-    layer: LayerId
     sink: Sink
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if hidden_states.ndim != 3 or any(getattr(attn, n, None) is not None
-                                          for n in ("spatial_norm", "group_norm", "norm_q", "norm_k")):
-            raise NotImplementedError("recording supports SD-style attn1 layers (3-D input, no extra norms)")
-        rows = self.inner.layout(hidden_states.shape[0]).target_rows
+    def __call__(self, layer: LayerId, layout: ChunkLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         with torch.no_grad():
-            for feature, project in zip(FEATURES, (attn.to_q, attn.to_k, attn.to_v)):
-                self.sink(self.layer, feature, *target_statistics(project(hidden_states), rows))
-        return self.inner(attn, hidden_states, *args, **kwargs)
+            for feature, projected in zip(FEATURES, (q, k, v)):
+                self.sink(layer, feature, *target_statistics(projected, layout.target_rows))
 
 
 @dataclass
@@ -182,9 +172,9 @@ def analyze_jobs(pipe: DiffusionPipeline, series: Series, jobs: Iterable[tuple[i
     with install_style_aligned(pipe, args) as handle:
         handle.hooks.append(pipe.unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
         paths = {layout.diffusers_path(layer): layer for layer in layout.layers}
-        for path in handle.layers:  # wrap each installed StyleAligned processor with the recorder
+        for path in handle.layers:  # each installed StyleAligned processor reports its projections
             module = pipe.unet.get_submodule(path)
-            module.set_processor(RecordingProcessor(module.processor, paths[path], recorder))
+            module.set_processor(replace(module.processor, layer=paths[path], observe=ProjectionRecorder(recorder)))
         shared = tuple(paths[path] for path in handle.layers)
         for style, sample in jobs:
             # args=None: StyleAligned is installed above; generate only samples.

@@ -24,6 +24,7 @@ from ..style import (AdaINSettings, ShareSettings, StyleAlignedArgs, allowed_ada
                      style_attention)
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
+Observer = Callable[[Any, ChunkLayout, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def unet_of(unet_or_pipeline: Any) -> UNet2DConditionModel:
@@ -112,6 +113,7 @@ class StyleAlignedProcessor:
     layer: LayerId | None = None
     selection: LayerSelection | None = None  # per-timestep choice (Conditional Balance), read through `clock`
     clock: StepClock | None = None
+    observe: Observer | None = None  # sees the projected q, k, v before AdaIN (the grading analysis records them)
 
     def layout(self, batch: int) -> ChunkLayout:
         return chunk_layout(self.chunks, batch, self.reference_index)
@@ -139,11 +141,14 @@ class StyleAlignedProcessor:
             query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
         if attn.norm_k is not None:
             key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
+        layout = self.layout(query.shape[0])
+        if self.observe is not None:
+            self.observe(self.layer, layout, query, key, value)
         adain, share = self.adain, self.share
         if self.selection is not None:
             allowed = self.selection.features(self.layer, self.clock.timestep if self.clock else 0.0)
             adain, share = allowed_adain(adain, allowed), allowed_share(share, allowed)
-        out = style_attention(query, key, value, attn.heads, self.layout(query.shape[0]), adain, share)
+        out = style_attention(query, key, value, attn.heads, layout, adain, share)
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
 
         if input_ndim == 4:
