@@ -113,3 +113,12 @@ def test_bad_series_file(tmp_path: Path, text: str, problem: str, capsys: pytest
         main(["analyze", "--series", str(path)])
     err = capsys.readouterr().err
     assert "--series" in err and problem in err and "Fix:" in err
+
+
+def test_analyze_refuses_a_launch_accelerate_did_not_distribute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    series = tmp_path / "series.json"
+    series.write_text(json.dumps({"reference_prompt": "a house", "content_prompt": "a cat",
+                                  "styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 2}))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it, while accelerate itself sees one process
+    assert main(["analyze", "--series", str(series), "--steps", "2", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "grading.safetensors").exists()

@@ -9,6 +9,7 @@ it shows the pipeline runs end to end, its images are noise.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -201,6 +202,13 @@ def run_analyze(ns: argparse.Namespace) -> int:
     from accelerate import PartialState  # imported here: only this command shards
 
     state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > state.num_processes:
+        # Every process would run the whole series and write the same files: refuse instead.
+        print(f"analyze: {launched} processes were launched but accelerate set up {state.num_processes}; "
+              "configure accelerate for several processes (`accelerate config`, e.g. multi-GPU) or run one process.",
+              file=sys.stderr)
+        return 2
     device = str(state.device) if state.num_processes > 1 else ns.device
     if ns.checkpoint is None and state.is_main_process:
         print(RANDOM_WEIGHTS_NOTICE)
