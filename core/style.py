@@ -7,7 +7,6 @@ same numbers as the original's `(batch, heads, tokens, head_dim)`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -229,23 +228,9 @@ def style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return shared_attention(q, k, v, heads, layout, share)
 
 
-def shared_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """GroupNorm whose statistics include the reference's features (`register_shared_norm`).
-
-    The original stacks the reference map under each image's own along dim -2 (H for `(B, C, H, W)`),
-    normalises the stack and keeps the image's half; a reference stacked with itself is unchanged.
-    """
-    height = x.shape[-2]
-    return norm(torch.cat([x, x[reference_of_row]], dim=-2))[..., :height, :]
-
-
-def score_shift_for_weight(weight: float) -> float:
-    """The shift that multiplies every reference key's attention weight by `weight` (log w)."""
-    return math.log(weight)
-
-
 def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    """`shared_norm` for a GroupNorm, from statistics alone: no stacked copy of the features.
+    """StyleAligned's shared GroupNorm (`register_shared_norm`: each image normalised stacked with its
+    reference along H), from statistics alone: no stacked copy of the features.
 
     Stacking two equal-sized maps gives the group mean (m_i + m_r)/2 and the (biased, as GroupNorm)
     variance (v_i + v_r)/2 + ((m_i - m_r)/2)^2, so the joint normalisation needs only each row's stats.
@@ -269,7 +254,7 @@ def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torc
 
 def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
                        reference_of_row: Callable[[int], torch.Tensor | None]) -> list[RemovableHandle]:
-    """Make each GroupNorm in `norms` compute `shared_norm` (as `joint_group_norm`) through a forward hook.
+    """Make each GroupNorm in `norms` share statistics with the reference (`joint_group_norm`) through a forward hook.
 
     `reference_of_row(batch)` gives the reference row of every row for the batch at hand, or None
     to leave that call plain. Hooks replace no module and no `forward`; removing the returned

@@ -9,7 +9,7 @@ import torch
 
 from multicond.core.chunks import chunk_layout
 from multicond.core.style import (AdaINSettings, ShareSettings, adain, attach_shared_norm, joint_group_norm, release_control_geometry, sdpa_attention,
-                                  shared_attention, shared_attention_full_batch, shared_norm, style_attention,
+                                  shared_attention, shared_attention_full_batch, style_attention,
                                   token_mean_std, zero_reference_control)
 
 HEADS = 2
@@ -48,6 +48,12 @@ def original_layer(q, k, v, chunks, adain_qkv=(True, True, False), scale=1.0, sh
     logits[..., q.shape[2]:] += shift
     out = torch.einsum("bhqk,bhkd->bhqd", logits.softmax(-1), values)
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def shared_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm) -> torch.Tensor:
+    """The paper's shared GroupNorm: normalise each image stacked with its reference along H, keep its half."""
+    height = x.shape[-2]
+    return norm(torch.cat([x, x[reference_of_row]], dim=-2))[..., :height, :]
 
 
 @pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (0.5, 0.0), (1.0, math.log(2)), (0.7, -0.4)])
