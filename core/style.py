@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
+from .attention import Attention, sdpa_attention
 from .chunks import ChunkLayout
-
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 ADAIN_EPS = 1e-5
 
@@ -87,18 +86,6 @@ def allowed_adain(settings: AdaINSettings | None, allowed: frozenset[str]) -> Ad
 def allowed_share(settings: ShareSettings | None, allowed: frozenset[str]) -> ShareSettings | None:
     """Sharing where the selection allows it (the original shares where q or k is chosen)."""
     return settings if settings is not None and "share" in allowed else None
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head attention on `(B, N, h*d)` tensors; `bias` is added to the logits."""
-    batch, _, width = q.shape
-    head_dim = width // heads
-    split = lambda t: t.view(batch, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
-    return out.transpose(1, 2).reshape(batch, -1, width)
 
 
 def token_mean_std(x: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,151 @@
+"""Dual-style blending (Goldszal & Mercier): two prompts in one image, blended by a spatial profile.
+
+The profile `w(y, x)` in [0, 1] is the first prompt's weight at each latent pixel (or token); the
+second prompt gets `1 - w`. It is either an analytic ramp along a direction (the original's
+sigmoid or linear ramp across the width, plus a cosine ramp and any angle) or a user mask. Two
+places to blend:
+
+- epsilon: the two prompts' conditional predictions (`blend`), one UNet row per prompt;
+- cross-attention: the two contexts' attention outputs in every cross-attention layer
+  (`dual_context_attention`), at that layer's own height and width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Attention, sdpa_attention
+
+SHAPES = ("sigmoid", "linear", "cosine")
+# Degrees, image y pointing down: the first prompt sits at the edge the direction starts from.
+DIRECTIONS = {"left to right": 0.0, "top to bottom": 90.0, "right to left": 180.0, "bottom to top": 270.0}
+EPSILON_SHARPNESS = 20.0  # the original's epsilon branch: sigmoid(20 (x - 1/2)) on a 64-wide latent
+CROSS_ATTENTION_SHARPNESS = 30.0  # the original's cross-attention branch
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An analytic blend profile.
+
+    `center` is where both prompts weigh 1/2, as a fraction along the direction. `sharpness` is the
+    sigmoid's slope per frame (the original's 20 or 30); `ramp_width` is the fraction of the frame
+    the linear and cosine ramps span (1: the original's full-width linear ramp).
+    """
+
+    shape: str = "sigmoid"
+    sharpness: float = EPSILON_SHARPNESS
+    angle: float = 0.0
+    center: float = 0.5
+    ramp_width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"profile shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.ramp_width <= 0:
+            raise ValueError(f"ramp_width must be positive, got {self.ramp_width}")
+        if self.sharpness < 0:
+            raise ValueError(f"sharpness must be 0 or more, got {self.sharpness}")
+
+
+def axis_position(height: int, width: int, angle: float) -> torch.Tensor:
+    """Each pixel's position along the direction, 0 at the first prompt's edge and 1 at the far edge.
+
+    Pixel centres are projected on the direction in pixel units, so an angle is an angle on the
+    image whatever its aspect; at 0 degrees this is the original's `linspace(0, 1, W)` per row.
+    """
+    radians = math.radians(angle)
+    # Snap cos/sin of multiples of 90 degrees to exact 0/1 so the axis directions are exact.
+    cos, sin = (round(value) if abs(value - round(value)) < 1e-12 else value for value in (math.cos(radians), math.sin(radians)))
+    ys = torch.arange(height, dtype=torch.float64)[:, None]
+    xs = torch.arange(width, dtype=torch.float64)[None, :]
+    along = xs * cos + ys * sin
+    span = along.max() - along.min()
+    if span <= 0:  # one pixel along the direction: it sits at the centre line
+        return torch.full((height, width), 0.5, dtype=torch.float64)
+    return (along - along.min()) / span
+
+
+def profile_weights(profile: Profile, height: int, width: int) -> torch.Tensor:
+    """The first prompt's weight, an `(height, width)` float32 tensor."""
+    position = axis_position(height, width, profile.angle)
+    if profile.shape == "sigmoid":
+        # The original: sigmoid(k (x_lin - 1/2)) with x_lin = linspace(1, 0, W) = 1 - position.
+        weights = torch.sigmoid(profile.sharpness * (profile.center - position))
+    elif profile.shape == "linear":
+        weights = (0.5 + (profile.center - position) / profile.ramp_width).clamp(0, 1)
+    else:
+        phase = (0.5 + (position - profile.center) / profile.ramp_width).clamp(0, 1)
+        weights = 0.5 + 0.5 * torch.cos(math.pi * phase)
+    return weights.float()
+
+
+def check_mask(mask: torch.Tensor) -> str | None:
+    """Why a MASK cannot weigh a blend, or None: it must be (H, W) or (batch, H, W) and not empty."""
+    if mask.ndim not in (2, 3):
+        return f"a mask of shape {tuple(mask.shape)} has {mask.ndim} dimensions, not (height, width) or (batch, height, width)"
+    if mask.numel() == 0:
+        return f"the mask of shape {tuple(mask.shape)} is empty"
+    return None
+
+
+def mask_weights(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A `(H, W)` or `(M, H, W)` mask as `(M, height, width)` weights, resized bilinearly as ComfyUI's masked conditioning."""
+    problem = check_mask(mask)
+    if problem is not None:
+        raise ValueError(problem)
+    batch = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    if batch.shape[-2:] != (height, width):
+        batch = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False)
+    return batch[:, 0]
+
+
+def pool_weights(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Latent-size `(M, H, W)` weights averaged down to a layer's `(height, width)`."""
+    if weights.shape[-2:] == (height, width):
+        return weights
+    return F.adaptive_avg_pool2d(weights[:, None], (height, width))[:, 0]
+
+
+def rows_of(weights: torch.Tensor, images: int) -> torch.Tensor:
+    """Weights `(M, ...)` for the `images` of one chunk: M is 1 (all alike) or one per image."""
+    if weights.shape[0] not in (1, images):
+        raise ValueError(f"the mask holds {weights.shape[0]} masks for a batch of {images} images")
+    return weights.expand(images, *weights.shape[1:])
+
+
+def blend(first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * first + (1 - weight) * second` (the original's `mask * e_L + (1 - mask) * e_R`).
+
+    On predictions this may run before classifier-free guidance: with a shared uncond u and
+    guidance g, w (u + g (c1 - u)) + (1 - w)(u + g (c2 - u)) = u + g (w c1 + (1 - w) c2 - u),
+    so blending the two conditional predictions equals the original's blend of the two CFG'd
+    ones. The same holds for ComfyUI's denoised outputs x - sigma eps, affine in eps.
+    """
+    return torch.lerp(second, first, weight.to(first.dtype))
+
+
+def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, second_tokens: int,
+                           weight: torch.Tensor, blended_rows: slice | list[int] | torch.Tensor,
+                           attention: Attention = sdpa_attention) -> torch.Tensor:
+    """Cross-attention to two contexts whose keys and values are concatenated along tokens.
+
+    `k`, `v` hold the first context's tokens, then the last `second_tokens` of the second. Every row
+    attends to the first context; the `blended_rows` also attend to the second and take
+    `weight * first + (1 - weight) * second` per image token (`weight` broadcasts to
+    `(len(blended_rows), N, 1)`). The original blends the per-head outputs before `to_out`, which is
+    the same: `to_out` is affine and the weights sum to one.
+    """
+    first_tokens = k.shape[1] - second_tokens
+    if second_tokens <= 0 or first_tokens <= 0:
+        raise ValueError(f"cannot split {k.shape[1]} context tokens into a first context and {second_tokens} second tokens")
+    out = attention(q, k[:, :first_tokens], v[:, :first_tokens], heads, None)
+    rows_q = q[blended_rows]
+    if rows_q.shape[0] == 0:
+        return out
+    second = attention(rows_q, k[blended_rows, first_tokens:], v[blended_rows, first_tokens:], heads, None)
+    out[blended_rows] = blend(out[blended_rows], second, weight)
+    return out
