@@ -149,3 +149,18 @@ def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     second = attention(rows_q, k[blended_rows, first_tokens:], v[blended_rows, first_tokens:], heads, None)
     out[blended_rows] = blend(out[blended_rows], second, weight)
     return out
+
+
+def side_factor(weight: torch.Tensor, totals: tuple[torch.Tensor, torch.Tensor], sides: tuple[bool, bool]) -> torch.Tensor:
+    """What to multiply one prompt entry's own weight by so a host's weighted average is the blend.
+
+    A host that mixes entries as sum(m_e eps_e) / sum(m_e) (ComfyUI's masked conditioning) gives
+    w * avg_1 + (1 - w) * avg_2, each side averaged over its own entries, when entry e's weight
+    m_e is scaled by sum over its sides s of w_s / total_s (w_1 = w, w_2 = 1 - w; total_s the
+    summed weight of side s): the scaled weights sum to one wherever a side has any weight.
+    """
+    factor = torch.zeros_like(weight)
+    for side_weight, total, member in zip((weight, 1 - weight), totals, sides):
+        if member:
+            factor = factor + torch.where(total > 0, side_weight / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    return factor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -11,7 +12,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..core.chunks import ChunkLayout, chunk_layout
 from ..core.errors import InputError
-from ..core.layers import LayerId, UNetLayout, layout_from_layers
+from ..core.layers import LayerId, LayerSelection, UNetLayout, layout_from_layers
 
 CATEGORY = "MultiCond"
 LAYERS_TYPE = "MULTICOND_LAYERS"
@@ -57,6 +58,21 @@ def sigma_range(model: Any, start_percent: float, end_percent: float, node: str)
 
 def current_sigma(extra_options: dict) -> float:
     return float(extra_options["sigmas"].max())
+
+
+def sigma_timestep(log_sigmas: torch.Tensor, sigma: float) -> float:
+    """ComfyUI's ModelSamplingDiscrete.timestep: the index of the nearest log-sigma."""
+    return float((log_sigmas - math.log(max(sigma, 1e-10))).abs().argmin())
+
+
+def selection_allows(selection: LayerSelection | None, layer: LayerId, extra_options: dict,
+                     log_sigmas: torch.Tensor | None) -> bool:
+    """Whether a layer selection includes `layer` at this call's step (no selection: every layer)."""
+    if selection is None:
+        return True
+    if not selection.per_timestep:
+        return layer in selection.layers
+    return bool(selection.features(layer, sigma_timestep(log_sigmas, current_sigma(extra_options))))
 
 
 def batch_layout(cond_or_uncond: list[int], batch: int, reference_index: int, node: str) -> ChunkLayout:

@@ -7,6 +7,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .balance import LayerBalance
+from .blend import CrossAttnBlend, EpsilonBlend
 from .prompts import BatchPrompts
 from .reference import StyleReference
 from .style import AdaINStyle, SharedAttention
@@ -15,4 +16,4 @@ from .style import AdaINStyle, SharedAttention
 class MultiCondExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance]
+        return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance, EpsilonBlend, CrossAttnBlend]

@@ -7,7 +7,6 @@ a foreign patch on the layer is kept and delegated to.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, LAYERS_TYPE, batch_layout, current_sigma, existing_replace, model_layout,
-                     plain_attention, sigma_range)
+                     plain_attention, sigma_range, sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
@@ -50,9 +49,7 @@ class Stage:
             return STYLE_FEATURES
         if not self.selection.per_timestep:
             return self.selection.features(layer)
-        # ComfyUI's ModelSamplingDiscrete.timestep: the index of the nearest log-sigma.
-        timestep = float((self.log_sigmas - math.log(max(sigma, 1e-10))).abs().argmin())
-        return self.selection.features(layer, timestep)
+        return self.selection.features(layer, sigma_timestep(self.log_sigmas, sigma))
 
 
 @dataclass(frozen=True)

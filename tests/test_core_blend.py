@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multicond.core.attention import sdpa_attention
-from multicond.core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend,
+from multicond.core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend, side_factor,
                                   dual_context_attention, mask_weights, pool_weights, profile_weights, rows_of)
 
 HEADS = 2
@@ -182,3 +182,23 @@ def test_context_split_must_leave_both_contexts():
     q, k, v = _attention_inputs()
     with pytest.raises(ValueError, match="cannot split"):
         dual_context_attention(q, k, v, HEADS, 12, torch.ones(1, 1, 1), [0])
+
+
+def test_side_factors_turn_a_weighted_average_into_the_blend():
+    generator = torch.Generator().manual_seed(2)
+    weight = profile_weights(Profile(), 6, 6)
+    # Side 1: two entries (one masked), side 2: one entry with strength 3, and one entry on both sides.
+    sides = [(True, False), (True, False), (False, True), (True, True)]
+    own = [torch.ones(6, 6), torch.rand(6, 6, generator=generator), torch.full((6, 6), 3.0), torch.rand(6, 6, generator=generator)]
+    eps = [torch.randn(6, 6, generator=generator) for _ in sides]
+    totals = tuple(sum(m for m, s in zip(own, sides) if s[side]) for side in (0, 1))
+    factors = [side_factor(weight, totals, s) for s in sides]
+    mixed = sum(f * m * e for f, m, e in zip(factors, own, eps)) / sum(f * m for f, m in zip(factors, own))
+    average = [sum(m * e for m, e, s in zip(own, eps, sides) if s[side]) / totals[side] for side in (0, 1)]
+    torch.testing.assert_close(mixed, blend(average[0], average[1], weight), atol=1e-5, rtol=1e-5)
+
+
+def test_a_side_without_weight_contributes_nothing():
+    weight = torch.full((2, 2), 0.25)
+    factor = side_factor(weight, (torch.ones(2, 2), torch.zeros(2, 2)), (False, True))
+    assert factor.eq(0).all()

@@ -1,0 +1,363 @@
+"""EpsilonBlend and CrossAttnBlend: two prompts in one image (dual-style blending, Goldszal & Mercier).
+
+EpsilonBlend tags the two prompts' conditioning entries; a CALC_COND_BATCH wrapper then gives
+each entry a mask at the sampled latent's exact size, so ComfyUI's own masked-conditioning sum
+runs all prompts and the negative in one batched model call and returns the blend.
+CrossAttnBlend appends the second prompt's tokens to the context (DIFFUSION_MODEL wrapper) and
+splits them again in every cross-attention layer (attn2 replace), blending per image token.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, check_mask,
+                          dual_context_attention, mask_weights, pool_weights, profile_weights, rows_of, side_factor)
+from ..core.errors import InputError
+from ..core.layers import LayerId, LayerSelection
+from .common import (CATEGORY, LAYERS_TYPE, existing_replace, model_layout, plain_attention, selection_allows)
+
+EPSILON_BLEND = "MultiCond_EpsilonBlend"
+CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
+BLEND_TAG = "multicond_blend"  # key of EpsilonBlend's tag in a conditioning entry
+EPSILON_WRAPPER_KEY = "multicond.epsilon_blend"
+CONTEXT_WRAPPER_KEY = "multicond.cross_attn_blend"
+SECOND_TOKENS = "multicond_second_tokens"  # transformer_options: how many appended context tokens are the second prompt's
+
+PROFILES = ("sigmoid", "linear", "cosine", "mask")
+ANGLE = "angle"
+WEIGHTINGS = ("complementary", "normalised")
+UNCOND = 1  # ComfyUI's CFGGuider runs [positive, negative]: chunk index 1 is the uncond
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    """The first prompt's weight: an analytic profile, or a user mask (resized like ComfyUI's masked conditioning)."""
+
+    node: str
+    profile: Profile | None
+    mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def at(self, height: int, width: int, images: int, device: torch.device) -> torch.Tensor:
+        """`(images or 1, height, width)` weights at a latent's size."""
+        if self.mask is None:
+            return _profile_at(self.profile, height, width)[None].to(device)
+        return self._rows(mask_weights(self.mask, height, width), images).to(device)
+
+    def at_layer(self, latent: tuple[int, int], layer: tuple[int, int], images: int, device: torch.device) -> torch.Tensor:
+        """`(images or 1, tokens, 1)` weights for a layer of `layer` (height, width) inside a latent of `latent`."""
+        if self.mask is None:
+            weights = _profile_at(self.profile, *layer)[None]
+        else:  # the mask at the latent's size first (as ComfyUI), then averaged down to the layer
+            weights = self._rows(pool_weights(mask_weights(self.mask, *latent), *layer), images)
+        return weights.reshape(weights.shape[0], -1, 1).to(device)
+
+    def _rows(self, weights: torch.Tensor, images: int) -> torch.Tensor:
+        try:
+            return rows_of(weights, images)
+        except ValueError as error:
+            raise InputError(self.node, "mask", str(error), "Give one mask, or one per image of the latent batch.") from error
+
+
+@functools.lru_cache(maxsize=64)
+def _profile_at(profile: Profile, height: int, width: int) -> torch.Tensor:
+    return profile_weights(profile, height, width)
+
+
+def blend_weights(node: str, profile: str, direction: str, angle: float, center: float, sharpness: float,
+                  ramp_width: float, mask: torch.Tensor | None) -> Weights:
+    """The node inputs as `Weights`, or an error naming the input."""
+    if profile == "mask":
+        if mask is None:
+            raise InputError(node, "mask", "profile is 'mask' but no mask is connected",
+                             "Connect a MASK (white = first prompt), or choose sigmoid, linear or cosine.")
+        problem = check_mask(mask)
+        if problem is not None:
+            raise InputError(node, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width), "
+                                                    "e.g. from Load Image (alpha) or Solid Mask.")
+        return Weights(node, None, mask.detach().float().cpu())
+    if mask is not None:
+        raise InputError(node, "mask", f"a mask is connected but profile is {profile!r}",
+                         "Set profile to mask, or disconnect the mask.")
+    degrees = angle if direction == ANGLE else DIRECTIONS[direction]
+    return Weights(node, Profile(profile, sharpness, degrees, center, ramp_width))
+
+
+# --- EpsilonBlend -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class BlendGroup:
+    """One EpsilonBlend: its weights and how entries mix; the tag of each entry is (group, side)."""
+
+    weights: Weights
+    weighting: str
+
+
+def _tag(entry: dict) -> tuple[BlendGroup, int] | None:
+    return entry.get(BLEND_TAG)
+
+
+def _entry_weight(entry: dict, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor | None:
+    """The `(B, H, W)` weight ComfyUI gives this entry now (mask, strength, area), or None when it is inactive."""
+    found = comfy.samplers.get_area_and_mult(entry, x, timestep)
+    if found is None:
+        return None
+    mult = found.mult[:, 0]
+    if found.area is None:
+        return mult
+    height, width, top, left = found.area  # ComfyUI's 2-D area: (height, width, y, x)
+    full = torch.zeros(x.shape[0], *x.shape[2:], device=mult.device, dtype=mult.dtype)
+    full[:, top:top + height, left:left + width] = mult
+    return full
+
+
+def _masked(entry: dict, factor: torch.Tensor) -> dict:
+    """A copy of `entry` whose mask is its own mask (if any) times `factor`."""
+    own = entry.get("mask")
+    mask = factor if own is None else own.to(factor) * factor
+    return {**entry, "mask": mask}
+
+
+def blend_entries(entries: list[dict], x: torch.Tensor, timestep: torch.Tensor) -> list[dict]:
+    """One conditioning list with EpsilonBlend's weights applied to its tagged entries."""
+    groups = {id(tag[0]): tag[0] for entry in entries if (tag := _tag(entry)) is not None}
+    if not groups:
+        return entries
+    if len(groups) > 1:
+        raise InputError(EPSILON_BLEND, "positive", "the positive holds the outputs of several EpsilonBlend nodes",
+                         "Give each sampler the positive of one EpsilonBlend (chain blends through its first/second inputs).")
+    group = next(iter(groups.values()))
+    if x.ndim != 4:
+        raise InputError(EPSILON_BLEND, "model", f"the latent has {x.ndim} dimensions; the blend profile is 2-D",
+                         "Use an image model (latents of shape batch, channels, height, width).")
+    weight = group.weights.at(x.shape[-2], x.shape[-1], x.shape[0], x.device)
+    sides = [_sides(entry) for entry in entries]
+    if group.weighting == "normalised":
+        # ComfyUI's rule over all entries: sum(w_s m_e eps_e) / sum(w_s m_e); untagged entries keep their weight.
+        factors = [weight if s == (True, False) else 1 - weight if s == (False, True) else None for s in sides]
+    else:
+        own = [_entry_weight(entry, x, timestep) for entry in entries]
+        totals = tuple(sum((m for m, s in zip(own, sides) if m is not None and s[side]), torch.zeros_like(weight))
+                       for side in (0, 1))
+        factors = [side_factor(weight, totals, s) for s in sides]
+    return [entry if factor is None else _masked(entry, factor) for entry, factor in zip(entries, factors)]
+
+
+def _sides(entry: dict) -> tuple[bool, bool]:
+    """Which sides an entry counts for: its tag's side; an untagged entry combined in counts for both."""
+    tag = _tag(entry)
+    return (True, True) if tag is None else (tag[1] == 0, tag[1] == 1)
+
+
+class EpsilonBlendWrapper:
+    """CALC_COND_BATCH wrapper: masks the tagged entries of every conditioning list, then runs ComfyUI's batch."""
+
+    def __call__(self, executor: Any, model: Any, conds: list[list[dict] | None], x: torch.Tensor, timestep: torch.Tensor,
+                 model_options: dict) -> list[torch.Tensor]:
+        blended = [entries if entries is None else blend_entries(entries, x, timestep) for entries in conds]
+        return executor(model, blended, x, timestep, model_options)
+
+
+def _profile_inputs(sharpness: float) -> list:
+    return [
+        io.Combo.Input("profile", options=list(PROFILES), default="sigmoid",
+                       tooltip="How the first prompt's weight falls off across the image: sigmoid (the paper), "
+                               "linear or cosine ramp, or the mask input (white = first prompt)."),
+        io.Combo.Input("direction", options=[*DIRECTIONS, ANGLE], default="left to right",
+                       tooltip="Where the first prompt sits: 'left to right' puts it on the left. 'angle' uses the "
+                               "angle input."),
+        io.Float.Input("angle", default=0.0, min=-360.0, max=360.0, step=1.0,
+                       tooltip="With direction 'angle': degrees on the image, 0 = first prompt on the left, "
+                               "90 = on top (used only then)."),
+        io.Float.Input("center", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Where both prompts weigh one half, as a fraction along the direction."),
+        io.Float.Input("sharpness", default=sharpness, min=0.0, max=200.0, step=0.5,
+                       tooltip=f"Sigmoid slope across the whole frame (paper: {sharpness:g}); higher = harder seam. "
+                               "Sigmoid only."),
+        io.Float.Input("ramp_width", default=1.0, min=0.01, max=1.0, step=0.01,
+                       tooltip="Linear and cosine: the fraction of the frame the transition spans (1 = the paper's "
+                               "full-width linear ramp)."),
+    ]
+
+
+def _mask_input() -> io.Mask.Input:
+    return io.Mask.Input("mask", optional=True,
+                         tooltip="With profile 'mask': the first prompt's weight (1 = first, 0 = second), resized "
+                                 "to the latent; one mask or one per image.")
+
+
+class EpsilonBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=EPSILON_BLEND,
+            display_name="Epsilon Blend (dual style)",
+            category=f"{CATEGORY}/blend",
+            description="Two prompts in one image (Goldszal & Mercier): each step the model predicts the noise for "
+                        "both prompts and blends the predictions with a spatial profile built at the latent's exact "
+                        "size; the negative is shared, which equals the paper's blend of the two CFG'd predictions. "
+                        "ConditioningSetMask + Combine can do a similar blend from a hand-made mask; it divides "
+                        "by the summed weight of all entries, so strengths and masks already on the prompts weigh "
+                        "against the profile. Here 'complementary' averages each prompt on its own and then takes "
+                        "w and 1 - w (the paper); 'normalised' follows ConditioningSetMask's rule. Wire both "
+                        "outputs into the sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with (any image model)."),
+                io.Conditioning.Input("first", tooltip="The first style's prompt (left with the default direction)."),
+                io.Conditioning.Input("second", tooltip="The second style's prompt (right with the default direction)."),
+                *_profile_inputs(EPSILON_SHARPNESS),
+                io.Combo.Input("weighting", options=list(WEIGHTINGS), default="complementary",
+                               tooltip="complementary: w * first + (1 - w) * second, each prompt first averaged over "
+                                       "its own entries (the paper). normalised: ConditioningSetMask's "
+                                       "sum(weight * prediction) / sum(weight), where strengths and masks set "
+                                       "upstream count too. Same result with a hard 0/1 profile or plain prompts."),
+                _mask_input(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the blend installed; sample with it."),
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="Both prompts, tagged for the blend: the sampler's positive."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, first: list, second: list, profile: str, direction: str, angle: float, center: float,
+                sharpness: float, ramp_width: float, weighting: str, mask: torch.Tensor | None = None) -> io.NodeOutput:
+        for name, conditioning in (("first", first), ("second", second)):
+            if not conditioning:
+                raise InputError(EPSILON_BLEND, name, "the conditioning is empty", f"Connect a prompt to {name} (CLIP Text Encode).")
+        group = BlendGroup(blend_weights(EPSILON_BLEND, profile, direction, angle, center, sharpness, ramp_width, mask), weighting)
+        positive = [[tensor, {**options, BLEND_TAG: (group, side)}]
+                    for side, conditioning in enumerate((first, second)) for tensor, options in conditioning]
+        patched = model.clone()
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, EPSILON_WRAPPER_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, EPSILON_WRAPPER_KEY,
+                                     EpsilonBlendWrapper())
+        return io.NodeOutput(patched, positive)
+
+
+# --- CrossAttnBlend -----------------------------------------------------------------------------
+
+
+@dataclass
+class SecondContext:
+    """DIFFUSION_MODEL wrapper: appends the second prompt's tokens to every row's context."""
+
+    context: torch.Tensor  # (1, tokens, channels)
+
+    def __call__(self, executor: Any, x: torch.Tensor, timesteps: Any, context: torch.Tensor, y: Any, control: Any,
+                 transformer_options: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        second = self.context.to(context.device, context.dtype).expand(context.shape[0], -1, -1)
+        options = {**transformer_options, SECOND_TOKENS: second.shape[1]}
+        return executor(x, timesteps, torch.cat([context, second], dim=1), y, control, options, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class CrossAttnBlendPatch:
+    """attn2 replacement for one layer: blend the two contexts' outputs, or attend to the first one only."""
+
+    layer: LayerId
+    weights: Weights
+    selection: LayerSelection | None = None
+    log_sigmas: torch.Tensor | None = field(default=None, compare=False)
+    inner: Any = None  # a replace another node set on this layer: delegated to, once per context
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        second_tokens = extra_options.get(SECOND_TOKENS)
+        if second_tokens is None:  # a call that did not go through SecondContext: nothing appended
+            return self._attend(q, k, v, extra_options)
+        if not selection_allows(self.selection, self.layer, extra_options, self.log_sigmas):
+            first = k.shape[1] - second_tokens
+            return self._attend(q, k[:, :first], v[:, :first], extra_options)
+        chunks = extra_options["cond_or_uncond"]
+        images = q.shape[0] // len(chunks)
+        _, _, height, width = extra_options["activations_shape"]
+        latent = tuple(extra_options["original_shape"][-2:])
+        weight = self.weights.at_layer(latent, (height, width), images, q.device)
+        cond = [kind != UNCOND for kind in chunks]
+        attention = lambda q, k, v, heads, bias: self._attend(q, k, v, extra_options)  # noqa: E731
+        if self.inner is None:
+            rows = [chunk * images + image for chunk, is_cond in enumerate(cond) if is_cond for image in range(images)]
+            row_weight = weight.repeat(sum(cond), 1, 1) if weight.shape[0] > 1 else weight
+            return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, rows, attention)
+        # A foreign patch indexes its own per-row data by the whole batch: give it every row; uncond rows weigh 1.
+        ones = torch.ones_like(weight[:1])
+        row_weight = torch.cat([(weight if is_cond else ones).expand(images, -1, -1) for is_cond in cond])
+        return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, slice(None), attention)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
+
+    def set_new_condition(self, **kwargs: Any) -> None:
+        # IPAdapter, applied after this node, calls this on the patch it finds in the slot.
+        raise InputError(CROSS_ATTN_BLEND, "model", "IPAdapter was applied after Cross-Attention Blend",
+                         "Apply IPAdapter first and connect its model to Cross-Attention Blend.")
+
+
+class CrossAttnBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=CROSS_ATTN_BLEND,
+            display_name="Cross-Attention Blend (dual style)",
+            category=f"{CATEGORY}/blend",
+            description="Two prompts in one image (Goldszal & Mercier): every cross-attention layer attends to the "
+                        "sampler's positive prompt and to a second prompt, and blends the two outputs per image "
+                        "token with a spatial profile at that layer's own size. The negative attends as usual. "
+                        "One model call per step; only the cross-attention work grows.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
+                io.Conditioning.Input("second", tooltip="The second style's prompt (right with the default direction); "
+                                                        "the first is the sampler's positive. Only its text tokens are "
+                                                        "used (SDXL's pooled output stays the positive's)."),
+                *_profile_inputs(CROSS_ATTENTION_SHARPNESS),
+                _mask_input(),
+                io.Custom(LAYERS_TYPE).Input("layers", optional=True,
+                                             tooltip="Transformer blocks whose cross-attention blends (from "
+                                                     "LayerBalance). Unconnected: every layer, as the paper."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the cross-attention blend installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, second: list, profile: str, direction: str, angle: float, center: float,
+                sharpness: float, ramp_width: float, mask: torch.Tensor | None = None,
+                layers: LayerSelection | None = None) -> io.NodeOutput:
+        layout = model_layout(model, CROSS_ATTN_BLEND)
+        context = second_context(model, second)
+        weights = blend_weights(CROSS_ATTN_BLEND, profile, direction, angle, center, sharpness, ramp_width, mask)
+        if layers is not None:
+            layers.check(layout, CROSS_ATTN_BLEND)
+        log_sigmas = model.get_model_object("model_sampling").log_sigmas.float().cpu() if layers is not None and layers.per_timestep else None
+        patched = model.clone()
+        for layer in layout.layers:
+            inner = existing_replace(patched, "attn2", layer)
+            patch = CrossAttnBlendPatch(layer, weights, layers, log_sigmas, inner)
+            patched.set_model_attn2_replace(patch, *layer.comfy_key)
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CONTEXT_WRAPPER_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CONTEXT_WRAPPER_KEY,
+                                     SecondContext(context))
+        return io.NodeOutput(patched)
+
+
+def second_context(model: Any, second: list) -> torch.Tensor:
+    """The second prompt's token embeddings `(1, tokens, channels)`, checked against the model."""
+    if not second:
+        raise InputError(CROSS_ATTN_BLEND, "second", "the conditioning is empty", "Connect a prompt (CLIP Text Encode).")
+    if len(second) > 1:
+        raise InputError(CROSS_ATTN_BLEND, "second", f"the conditioning holds {len(second)} prompts",
+                         "Give one prompt; merge several with Conditioning (Concat) or (Average) first.")
+    tensor = second[0][0]
+    expected = model.model.model_config.unet_config.get("context_dim")
+    if tensor.ndim != 3 or tensor.shape[0] != 1 or tensor.shape[-1] != expected:
+        raise InputError(CROSS_ATTN_BLEND, "second", f"the prompt's embedding has shape {tuple(tensor.shape)}, the model "
+                         f"takes (1, tokens, {expected})", "Encode the prompt with this model's CLIP.")
+    return tensor.detach().cpu()
