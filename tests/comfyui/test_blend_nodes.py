@@ -299,3 +299,15 @@ def test_cross_attn_blend_errors():
     model.model.model_config = comfy.supported_models.Stable_Cascade_C.__new__(comfy.supported_models.Stable_Cascade_C)
     with pytest.raises(InputError, match="input 'model'.*Stable_Cascade_C is not supported"):
         cross(model, second)
+
+
+def test_epsilon_blend_composes_with_style_aligned(monkeypatch):
+    from .test_style_nodes import style_aligned
+
+    model = apart(style_aligned(tiny.build("sd15")), monkeypatch)
+    first, second = prompts("sd15")
+    patched, positive = epsilon(model, first, second, mask=torch.ones(16, 16))
+    assert torch.equal(tiny.sample(patched, "sd15", positive=positive), tiny.sample(model, "sd15", positive=first))
+    soft, positive = epsilon(model, first, second)
+    blended = tiny.sample(soft, "sd15", positive=positive)
+    assert torch.isfinite(blended).all() and (blended - tiny.sample(model, "sd15", positive=first)).abs().max() > 1e-3
