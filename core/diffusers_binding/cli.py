@@ -1,9 +1,10 @@
 """Command line of the diffusers binding: `python -m multicond <command> ...`.
 
 Commands: `style-aligned` (a batch of images sharing the first one's style, optionally from a
-real reference image through DDIM inversion) and `analyze` (a Conditional Balance grading from a
-StyleAligned image series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random model is used:
-it shows the pipeline runs end to end, its images are noise.
+real reference image through DDIM inversion), `dual-style` (two prompts in one image, blended by a
+spatial profile or a mask) and `analyze` (a Conditional Balance grading from a StyleAligned image
+series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random
+model is used: it shows the pipeline runs end to end, its images are noise.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..balance import save_grading
+from ..blend import CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, SHAPES, Profile
 from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
 from ..style import StyleAlignedArgs
 from .analysis import (Series, analyze_jobs, grade_series, grading_heatmap, load_series, load_stats, merge_shards,
                        save_stats)
+from .dual_style import Weights, generate_dual_style
 from .pipeline import generate, invert_image, pin_reference
 from .style_aligned import shared_layers
 from .tiny import FAMILIES, TINY_IMAGE_SIZE, load_pipeline
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m multicond", description="MultiCond on diffusers pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_style_aligned_parser(commands)
+    _add_dual_style_parser(commands)
     _add_analyze_parser(commands)
     return parser
 
@@ -159,6 +163,141 @@ def _style_aligned(ns: argparse.Namespace) -> int:
     for index, (prompt, image) in enumerate(zip(prompts, images)):
         role = "reference-" if index == 0 else ""
         path = ns.out / f"{index:02d}-{role}{slug(prompt)}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+# The original's style pair (Goldszal & Mercier: Minecraft | Van Gogh).
+DUAL_STYLE_PROMPTS = ("a house in a minecraft style", "a house in a van gogh style")
+DUAL_STYLE_SHARPNESS = {"epsilon": EPSILON_SHARPNESS, "cross-attention": CROSS_ATTENTION_SHARPNESS}
+
+
+def _direction(text: str) -> str:
+    name = text.replace("-", " ").replace("_", " ").lower()
+    if name not in DIRECTIONS:
+        raise argparse.ArgumentTypeError(f"unknown direction {text!r}; use one of: "
+                                         + ", ".join(d.replace(" ", "-") for d in DIRECTIONS))
+    return name
+
+
+def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("dual-style", help="two prompts in one image, blended across it (dual-style blending)",
+                                 description="Generate one image whose first prompt holds one side and second prompt "
+                                             "the other, blended by a spatial profile or a mask (Goldszal & Mercier).")
+    first, second = DUAL_STYLE_PROMPTS
+    parser.add_argument("--first", default=first, help="the prompt at the start of the direction, or where the mask "
+                                                       "is white (default: '%(default)s')")
+    parser.add_argument("--second", default=second, help="the other prompt (default: '%(default)s')")
+    parser.add_argument("--method", choices=tuple(DUAL_STYLE_SHARPNESS), default="epsilon",
+                        help="blend the two noise predictions, or the two cross-attention outputs in every layer "
+                             "(default %(default)s)")
+    profile = parser.add_argument_group("where each prompt goes")
+    profile.add_argument("--profile", choices=(*SHAPES, "mask"),
+                         help="sigmoid (the original's), linear or cosine ramp, or mask (default: mask with --mask, "
+                              "else sigmoid)")
+    profile.add_argument("--mask", type=Path, help="a grayscale image: white = first prompt, black = second")
+    way = profile.add_mutually_exclusive_group()
+    way.add_argument("--direction", type=_direction,
+                     help="from the first prompt to the second: " + ", ".join(d.replace(" ", "-") for d in DIRECTIONS)
+                          + " (default left-to-right)")
+    way.add_argument("--angle", type=float, help="direction in degrees, image y down (0 = left to right)")
+    profile.add_argument("--center", type=float, help="where both prompts weigh 1/2, 0..1 along the direction "
+                                                      "(default 0.5)")
+    profile.add_argument("--sharpness", type=float,
+                         help=f"sigmoid slope (default: the original's, {EPSILON_SHARPNESS:g} for epsilon, "
+                              f"{CROSS_ATTENTION_SHARPNESS:g} for cross-attention)")
+    profile.add_argument("--ramp-width", type=float, help="fraction of the frame the linear/cosine ramp spans (default 1)")
+    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1 (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image written")
+    for side in ("width", "height"):
+        parser.add_argument(f"--{side}", type=int, help=f"pixels, a multiple of 8 (default: the model's; "
+                                                        f"{TINY_IMAGE_SIZE} for the tiny model)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/dual-style"), help="folder for the PNGs (default %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compare", action="store_true", help="also write each prompt's plain image (same noise)")
+    parser.set_defaults(run=run_dual_style, parser=parser)
+
+
+def _validate_dual_style(ns: argparse.Namespace) -> None:
+    parser: argparse.ArgumentParser = ns.parser
+    if ns.profile is None:
+        ns.profile = "mask" if ns.mask is not None else "sigmoid"
+    if ns.profile == "mask":
+        if ns.mask is None:
+            parser.error("--profile mask needs --mask PATH, a grayscale image (white = first prompt)")
+        if not ns.mask.is_file():
+            parser.error(f"--mask {ns.mask}: no such file; give a grayscale image (white = first prompt)")
+        shaped = [flag for flag, value in (("--direction", ns.direction), ("--angle", ns.angle), ("--center", ns.center),
+                                           ("--sharpness", ns.sharpness), ("--ramp-width", ns.ramp_width))
+                  if value is not None]
+        if shaped:
+            parser.error(f"{', '.join(shaped)} shape an analytic profile, not a mask; drop them or use "
+                         "--profile sigmoid|linear|cosine")
+    elif ns.mask is not None:
+        parser.error(f"--mask goes with --profile mask, not --profile {ns.profile}; drop --profile or --mask")
+    if ns.center is not None and not 0 <= ns.center <= 1:
+        parser.error(f"--center must be in 0..1 (a fraction along the direction), got {ns.center}")
+    if ns.sharpness is not None and ns.sharpness < 0:
+        parser.error(f"--sharpness must be 0 or more, got {ns.sharpness}")
+    if ns.ramp_width is not None and ns.ramp_width <= 0:
+        parser.error(f"--ramp-width must be > 0 (a fraction of the frame), got {ns.ramp_width}")
+    if ns.cfg <= 1:
+        parser.error("--cfg must be > 1: the blend works on the [uncond, cond] halves of a guided batch")
+    if ns.steps < 1:
+        parser.error("--steps must be >= 1")
+    for flag, value in (("--width", ns.width), ("--height", ns.height)):
+        if value is not None and (value < 8 or value % 8):
+            parser.error(f"{flag} must be a positive multiple of 8 (latents are 1/8 of the image), got {value}; "
+                         f"try {max(8, round(value / 8) * 8)}")
+
+
+def load_mask(path: Path) -> torch.Tensor:
+    """A grayscale image as an `(H, W)` float mask in [0, 1], white = 1 (read by PIL, nothing else)."""
+    with Image.open(path) as image:
+        gray = image.convert("L")
+        pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
+        return pixels.reshape(gray.height, gray.width).float() / 255
+
+
+def dual_style_weights(ns: argparse.Namespace) -> Weights:
+    """The profile or mask the flags describe."""
+    if ns.profile == "mask":
+        try:
+            return load_mask(ns.mask)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            ns.parser.error(f"--mask {ns.mask}: cannot read it as an image ({error}); give a PNG or JPEG")
+    angle = DIRECTIONS[ns.direction] if ns.direction is not None else (ns.angle or 0.0)
+    return Profile(ns.profile, DUAL_STYLE_SHARPNESS[ns.method] if ns.sharpness is None else ns.sharpness, angle,
+                   0.5 if ns.center is None else ns.center, 1.0 if ns.ramp_width is None else ns.ramp_width)
+
+
+def run_dual_style(ns: argparse.Namespace) -> int:
+    _validate_dual_style(ns)
+    weights = dual_style_weights(ns)
+    if ns.checkpoint is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
+    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
+        return _dual_style(ns, weights)
+
+
+def _dual_style(ns: argparse.Namespace, weights: Weights) -> int:
+    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+    tiny = TINY_IMAGE_SIZE if ns.checkpoint is None else None
+    width, height = ns.width or tiny, ns.height or tiny
+    runs = [(ns.method, f"{ns.method}-{ns.profile}")]
+    if ns.compare:
+        runs += [("plain-first", f"first-{slug(ns.first)}"), ("plain-second", f"second-{slug(ns.second)}")]
+    ns.out.mkdir(parents=True, exist_ok=True)
+    for method, name in runs:
+        image = generate_dual_style(pipe, ns.first, ns.second, method, weights, steps=ns.steps, guidance_scale=ns.cfg,
+                                    seed=ns.seed, height=height, width=width)[0]
+        path = ns.out / f"{name}.png"
         image.save(path)
         print(path)
     return 0
