@@ -51,6 +51,9 @@ class Profile:
             raise ValueError(f"sharpness must be 0 or more, got {self.sharpness}")
 
 
+Weights = Profile | torch.Tensor  # an analytic profile, or a MASK (H, W) / (M, H, W) with 1 = the first prompt
+
+
 def axis_position(height: int, width: int, angle: float) -> torch.Tensor:
     """Each pixel's position along the direction, 0 at the first prompt's edge and 1 at the far edge.
 
@@ -84,11 +87,13 @@ def profile_weights(profile: Profile, height: int, width: int) -> torch.Tensor:
 
 
 def check_mask(mask: torch.Tensor) -> str | None:
-    """Why a MASK cannot weigh a blend, or None: it must be (H, W) or (batch, H, W) and not empty."""
+    """Why a MASK cannot weigh a blend, or None: (H, W) or (batch, H, W), not empty, values in [0, 1]."""
     if mask.ndim not in (2, 3):
         return f"a mask of shape {tuple(mask.shape)} has {mask.ndim} dimensions, not (height, width) or (batch, height, width)"
     if mask.numel() == 0:
         return f"the mask of shape {tuple(mask.shape)} is empty"
+    if not bool(((mask >= 0) & (mask <= 1)).all()):  # NaN fails both comparisons
+        return f"the mask has values outside 0..1 (min {float(mask.min()):g}, max {float(mask.max()):g}) or NaN"
     return None
 
 
@@ -108,6 +113,25 @@ def pool_weights(weights: torch.Tensor, height: int, width: int) -> torch.Tensor
     if weights.shape[-2:] == (height, width):
         return weights
     return F.adaptive_avg_pool2d(weights[:, None], (height, width))[:, 0]
+
+
+def latent_weights(weights: Weights, height: int, width: int) -> torch.Tensor:
+    """The first prompt's weight at every latent pixel, `(M, height, width)` (M = 1 for a profile)."""
+    if isinstance(weights, Profile):
+        return profile_weights(weights, height, width)[None]
+    return mask_weights(weights, height, width)
+
+
+def layer_weights(weights: Weights, latent: tuple[int, int], layer: tuple[int, int]) -> torch.Tensor:
+    """The first prompt's weight per token of a layer of `layer` (height, width) in a latent of `latent`, `(M, h, w)`.
+
+    A profile is evaluated on the layer's own grid, as the original's `linspace(0, 1, width)` in
+    every layer; a mask is resized to the latent first (as ComfyUI's masked conditioning), then
+    averaged down to the layer.
+    """
+    if isinstance(weights, Profile):
+        return profile_weights(weights, *layer)[None]
+    return pool_weights(mask_weights(weights, *latent), *layer)
 
 
 def rows_of(weights: torch.Tensor, images: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ splits them again in every cross-attention layer (attn2 replace), blending per i
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,8 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, check_mask,
-                          dual_context_attention, mask_weights, pool_weights, profile_weights, rows_of, side_factor)
+from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, Weights, check_mask,
+                          dual_context_attention, latent_weights, layer_weights, rows_of, side_factor)
 from ..core.errors import InputError
 from ..core.layers import LayerId, LayerSelection
 from .common import (CATEGORY, LAYERS_TYPE, existing_replace, model_layout, plain_attention, selection_allows)
@@ -38,41 +37,39 @@ UNCOND = 1  # ComfyUI's CFGGuider runs [positive, negative]: chunk index 1 is th
 
 
 @dataclass(frozen=True, eq=False)
-class Weights:
-    """The first prompt's weight: an analytic profile, or a user mask (resized like ComfyUI's masked conditioning)."""
+class BlendWeights:
+    """The first prompt's weight (an analytic profile or a user mask) and the node that set it."""
 
     node: str
-    profile: Profile | None
-    mask: torch.Tensor | None = field(default=None, repr=False)
+    weights: Weights = field(repr=False)
+    cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per size and device: built once
 
     def at(self, height: int, width: int, images: int, device: torch.device) -> torch.Tensor:
         """`(images or 1, height, width)` weights at a latent's size."""
-        if self.mask is None:
-            return _profile_at(self.profile, height, width)[None].to(device)
-        return self._rows(mask_weights(self.mask, height, width), images).to(device)
+        key = ("latent", height, width, images, device)
+        if key not in self.cache:
+            self.cache[key] = self._rows(latent_weights(self.weights, height, width), images).to(device)
+        return self.cache[key]
 
     def at_layer(self, latent: tuple[int, int], layer: tuple[int, int], images: int, device: torch.device) -> torch.Tensor:
         """`(images or 1, tokens, 1)` weights for a layer of `layer` (height, width) inside a latent of `latent`."""
-        if self.mask is None:
-            weights = _profile_at(self.profile, *layer)[None]
-        else:  # the mask at the latent's size first (as ComfyUI), then averaged down to the layer
-            weights = self._rows(pool_weights(mask_weights(self.mask, *latent), *layer), images)
-        return weights.reshape(weights.shape[0], -1, 1).to(device)
+        key = ("layer", latent, layer, images, device)
+        if key not in self.cache:
+            weights = self._rows(layer_weights(self.weights, latent, layer), images)
+            self.cache[key] = weights.reshape(weights.shape[0], -1, 1).to(device)
+        return self.cache[key]
 
     def _rows(self, weights: torch.Tensor, images: int) -> torch.Tensor:
+        if weights.shape[0] == 1:
+            return weights
         try:
             return rows_of(weights, images)
         except ValueError as error:
             raise InputError(self.node, "mask", str(error), "Give one mask, or one per image of the latent batch.") from error
 
 
-@functools.lru_cache(maxsize=64)
-def _profile_at(profile: Profile, height: int, width: int) -> torch.Tensor:
-    return profile_weights(profile, height, width)
-
-
 def blend_weights(node: str, profile: str, direction: str, angle: float, center: float, sharpness: float,
-                  ramp_width: float, mask: torch.Tensor | None) -> Weights:
+                  ramp_width: float, mask: torch.Tensor | None) -> BlendWeights:
     """The node inputs as `Weights`, or an error naming the input."""
     if profile == "mask":
         if mask is None:
@@ -82,12 +79,12 @@ def blend_weights(node: str, profile: str, direction: str, angle: float, center:
         if problem is not None:
             raise InputError(node, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width), "
                                                     "e.g. from Load Image (alpha) or Solid Mask.")
-        return Weights(node, None, mask.detach().float().cpu())
+        return BlendWeights(node, mask.detach().float().cpu())
     if mask is not None:
         raise InputError(node, "mask", f"a mask is connected but profile is {profile!r}",
                          "Set profile to mask, or disconnect the mask.")
     degrees = angle if direction == ANGLE else DIRECTIONS[direction]
-    return Weights(node, Profile(profile, sharpness, degrees, center, ramp_width))
+    return BlendWeights(node, Profile(profile, sharpness, degrees, center, ramp_width))
 
 
 # --- EpsilonBlend -------------------------------------------------------------------------------
@@ -97,7 +94,7 @@ def blend_weights(node: str, profile: str, direction: str, angle: float, center:
 class BlendGroup:
     """One EpsilonBlend: its weights and how entries mix; the tag of each entry is (group, side)."""
 
-    weights: Weights
+    weights: BlendWeights
     weighting: str
 
 
@@ -265,7 +262,7 @@ class CrossAttnBlendPatch:
     """attn2 replacement for one layer: blend the two contexts' outputs, or attend to the first one only."""
 
     layer: LayerId
-    weights: Weights
+    weights: BlendWeights
     selection: LayerSelection | None = None
     log_sigmas: torch.Tensor | None = field(default=None, compare=False)
     inner: Any = None  # a replace another node set on this layer: delegated to, once per context

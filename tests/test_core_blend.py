@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from multicond.core.attention import sdpa_attention
-from multicond.core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend, side_factor,
-                                  dual_context_attention, mask_weights, pool_weights, profile_weights, rows_of)
+from multicond.core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend,
+                                  dual_context_attention, latent_weights, layer_weights, mask_weights, pool_weights,
+                                  profile_weights, rows_of, side_factor)
 
 HEADS = 2
 
@@ -202,3 +203,21 @@ def test_a_side_without_weight_contributes_nothing():
     weight = torch.full((2, 2), 0.25)
     factor = side_factor(weight, (torch.ones(2, 2), torch.zeros(2, 2)), (False, True))
     assert factor.eq(0).all()
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
+def test_masks_outside_zero_one_are_refused(value):
+    mask = torch.zeros(4, 4)
+    mask[0, 0] = value
+    with pytest.raises(ValueError, match="outside 0..1"):
+        mask_weights(mask, 4, 4)
+
+
+def test_latent_and_layer_weights_of_a_profile_and_a_mask():
+    profile = Profile(sharpness=CROSS_ATTENTION_SHARPNESS)
+    torch.testing.assert_close(layer_weights(profile, (16, 24), (4, 6))[0], profile_weights(profile, 4, 6))
+    mask = torch.zeros(32, 48)
+    mask[:, :24] = 1
+    assert latent_weights(mask, 16, 24).shape == (1, 16, 24)
+    coarse = layer_weights(mask, (16, 24), (4, 6))[0]
+    assert coarse[:, :3].eq(1).all() and coarse[:, 3:].eq(0).all()

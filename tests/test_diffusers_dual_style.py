@@ -199,11 +199,31 @@ def test_a_layer_selection_blends_only_its_layers(pipe: StableDiffusionPipeline)
     with install_cross_attention_blend(pipe, SECOND, layers=selection) as handle:
         run_one_step(pipe, 64, 64)
     assert 0 < len(expected) < len(handle.processors)
-    assert {path for path, p in handle.processors.items() if p.selected} == expected
-    assert all((p.last_weight is not None) == p.selected for p in handle.processors.values())
+    assert {path for path, p in handle.processors.items() if p.active()} == expected
+    assert all((p.last_weight is not None) == p.active() for p in handle.processors.values())
     # No layer selected: every layer attends to the first prompt only, i.e. plain sampling.
     none = LayerSelection(layout.family, frozenset())
     assert torch.equal(sample(pipe, "cross-attention", layers=none), sample(pipe, "plain-first"))
+
+
+def test_a_graded_selection_is_followed_per_timestep(pipe: StableDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = unet_layout(pipe.unet)
+    early, late = layout.layers[0], layout.layers[-1]
+    pipe.scheduler.set_timesteps(2)
+    first_step, second_step = (int(t) for t in pipe.scheduler.timesteps)
+    graded = LayerSelection(layout.family, frozenset({early, late}), "graded",
+                            schedule={first_step: {early: frozenset({"q"})}, second_step: {late: frozenset({"q", "k"})}})
+    seen: list[tuple[object, int]] = []
+    original = DualContextProcessor.layer_weight
+
+    def spy(self: DualContextProcessor, *args: object) -> torch.Tensor:
+        seen.append((self.layer, int(self.clock.timestep)))
+        return original(self, *args)
+
+    monkeypatch.setattr(DualContextProcessor, "layer_weight", spy)
+    generate_dual_style(pipe, FIRST, SECOND, "cross-attention", steps=2, guidance_scale=GUIDANCE, height=64, width=64,
+                        layers=graded, output_type="latent")
+    assert seen == [(early, first_step), (late, second_step)]
 
 
 # ---------------------------------------------------------------- install / remove

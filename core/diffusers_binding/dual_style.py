@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, Transformer2DModel, UNet2DConditionModel
@@ -28,13 +28,12 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch.utils.hooks import RemovableHandle
 
 from ..attention import sdpa_attention
-from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, blend, check_mask, dual_context_attention,
-                     mask_weights, pool_weights, profile_weights, rows_of)
-from ..layers import LayerSelection
+from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weights, blend, check_mask,
+                     dual_context_attention, latent_weights, layer_weights, rows_of)
+from ..layers import LayerId, LayerSelection
 from .pipeline import default_size, initial_latents
-from .style_aligned import _merge_heads, _split_heads, unet_layout
+from .style_aligned import StepClock, _merge_heads, _split_heads, unet_layout
 
-Weights = Union[Profile, torch.Tensor]  # a MASK is (H, W) or (M, H, W), 1 = the first prompt
 METHODS = ("epsilon", "cross-attention", "plain-first", "plain-second")
 Size = tuple[int, int]
 
@@ -73,24 +72,6 @@ def checked_weights(weights: Weights | None, sharpness: float = EPSILON_SHARPNES
     if problem is not None:
         raise ValueError(problem)
     return weights
-
-
-def latent_weights(weights: Weights, size: Size) -> torch.Tensor:
-    """The first prompt's weight at every latent pixel, `(M, H, W)` (M = 1 for a profile)."""
-    if isinstance(weights, Profile):
-        return profile_weights(weights, *size)[None]
-    return mask_weights(weights, *size)
-
-
-def layer_weights(weights: Weights, latent_size: Size, layer_size: Size) -> torch.Tensor:
-    """The first prompt's weight per token of a layer, `(M, h, w)`.
-
-    A profile is evaluated on the layer's own grid, as the original's `linspace(0, 1, width)` per
-    layer; a mask is resized to the latent, then averaged down to the layer.
-    """
-    if isinstance(weights, Profile):
-        return profile_weights(weights, *layer_size)[None]
-    return pool_weights(mask_weights(weights, *latent_size), *layer_size)
 
 
 def images_of(pipe: Any, batch: int) -> int:
@@ -227,7 +208,7 @@ class EpsilonBlend:
         """`(images, 1, H, W)` at the latent's true size (non-square latents included)."""
         key = (self.latent_size, images, device, dtype)
         if key not in self.cache:
-            self.cache[key] = rows_of(latent_weights(self.weights, self.latent_size), images)[:, None].to(device, dtype)
+            self.cache[key] = rows_of(latent_weights(self.weights, *self.latent_size), images)[:, None].to(device, dtype)
         return self.cache[key]
 
     def after(self, unet: torch.nn.Module, args: tuple, output: Any) -> Any:
@@ -321,14 +302,16 @@ class DualContextProcessor:
     """diffusers attention processor for one cross-attention (attn2) layer, over two contexts.
 
     The context holds the first prompt's tokens, then the second's (appended by the UNet pre-hook).
-    A `selected` layer blends the cond rows' two attention outputs by the weight at its own grid
+    An active layer blends the cond rows' two attention outputs by the weight at its own grid
     (`grid`, from its Transformer2DModel, not sqrt(N) as the original); the others and the uncond
     rows attend to the first context only. Not an `nn.Module`, so installing it leaves the state dict alone.
     """
 
     blender: CrossAttentionBlend
     grid: TokenGrid
-    selected: bool = True
+    layer: LayerId | None = None
+    selection: LayerSelection | None = None  # None: every layer blends
+    clock: StepClock | None = None  # the UNet call's timestep, for a per-timestep selection
     last_weight: torch.Tensor | None = field(default=None, repr=False)  # the weight of the last call, for inspection
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -361,7 +344,7 @@ class DualContextProcessor:
             query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
         if attn.norm_k is not None:
             key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
-        if self.selected:
+        if self.active():
             if query.shape[0] != 2 * blender.images:
                 raise RuntimeError(f"the layer got {query.shape[0]} rows but the UNet call {2 * blender.images}")
             weight = self.layer_weight(query.shape[1], query.device, query.dtype)
@@ -377,6 +360,12 @@ class DualContextProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def active(self) -> bool:
+        """Whether this layer blends in the current UNet call (its selection's choice at this timestep)."""
+        if self.selection is None:
+            return True
+        return bool(self.selection.features(self.layer, self.clock.timestep if self.clock else 0.0))
 
     def layer_weight(self, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         size = self.grid.size
@@ -398,13 +387,6 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Transformer2
     return found
 
 
-def selected_layers(unet: UNet2DConditionModel, layers: LayerSelection) -> set[str]:
-    """The attn2 paths of a selection's layers (a selection names attn1 layers; attn2 sits beside each)."""
-    layout = unet_layout(unet)
-    layers.check(layout, "install_cross_attention_blend")
-    return {layout.diffusers_path(layer).replace("attn1", "attn2") for layer in layout.layers if layer in layers.layers}
-
-
 def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, weights: Weights | None = None,
                                   layers: LayerSelection | None = None) -> DualStyleHandle:
     """Blend the two prompts' cross-attention outputs in every attn2 layer (Goldszal & Mercier, cross-attention branch).
@@ -412,8 +394,8 @@ def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, w
     Call the pipeline with `prompt=<first>` and guidance > 1. `weights` is a `Profile` or a MASK
     (1 = first prompt); None is the original's sigmoid, sharpness 30. Only the second prompt's text
     tokens are used: SDXL's pooled embedding (global, it cannot be blended per token) stays the
-    first prompt's. `layers` limits the blend to a selection's layers (its layer set; a
-    per-timestep schedule is not followed); the others attend to the first prompt only. Previous
+    first prompt's. `layers` limits the blend to a selection's layers (per timestep for a
+    graded selection); the others attend to the first prompt only. Previous
     processors come back on `remove()`.
     """
     unet = _claim(pipe)
@@ -422,12 +404,17 @@ def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, w
     found = cross_attention_layers(unet)
     if not found:
         raise ValueError("this UNet has no cross-attention (attn2) layers in Transformer2DModel blocks")
-    chosen = None if layers is None else selected_layers(unet, layers)
+    layout = unet_layout(unet) if layers is not None else None
+    if layers is not None:
+        layers.check(layout, "install_cross_attention_blend")
+    clock = StepClock() if layers is not None and layers.per_timestep else None
     grids: dict[int, TokenGrid] = {}
     processors = {}
     for path, transformer in found.items():
         grid = grids.setdefault(id(transformer), TokenGrid())
-        processors[path] = DualContextProcessor(blender, grid, chosen is None or path in chosen)
+        # A selection names self-attention layers; the cross-attention sits in the same transformer block.
+        layer = layout.layer_from_diffusers_path(path.replace("attn2", "attn1")) if layout else None
+        processors[path] = DualContextProcessor(blender, grid, layer, layers, clock)
     handle = DualStyleHandle(unet, "cross-attention", {path: unet.get_submodule(path).processor for path in processors},
                              processors=processors)
     for path, processor in processors.items():
@@ -436,6 +423,8 @@ def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, w
     for key, grid in grids.items():
         handle.hooks.append(transformers[key].register_forward_pre_hook(grid.hook, with_kwargs=True))
     handle.hooks.append(unet.register_forward_pre_hook(blender.before, with_kwargs=True))
+    if clock is not None:
+        handle.hooks.append(unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
     _INSTALLED.add(unet)
     return handle
 

@@ -10,6 +10,7 @@ if find_comfyui() is None:
     pytest.skip("no ComfyUI found (see tests/comfyui/conftest.py)", allow_module_level=True)
 
 import comfy.patcher_extension  # noqa: E402
+import comfy.samplers  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
 
@@ -311,3 +312,17 @@ def test_epsilon_blend_composes_with_style_aligned(monkeypatch):
     soft, positive = epsilon(model, first, second)
     blended = tiny.sample(soft, "sd15", positive=positive)
     assert torch.isfinite(blended).all() and (blended - tiny.sample(model, "sd15", positive=first)).abs().max() > 1e-3
+
+
+def test_a_graded_selection_is_followed_per_step(monkeypatch):
+    calls = record_blends(monkeypatch)
+    model = tiny.build("sd15")
+    first, second = prompts("sd15")
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 2)
+    steps = [float(sampling.timestep(sigma)) for sigma in sigmas[:2]]
+    early, late = LayerId("input", 1, 0), LayerId("output", 3, 0)  # 16x24 tokens; output.5 would be too
+    graded = LayerSelection("sd1", frozenset({early, late}), "graded",
+                            schedule={round(steps[0]): {early: frozenset({"q"})}, round(steps[1]): {}})
+    tiny.sample(cross(model, second, layers=graded), "sd15", positive=first, latent=torch.zeros(1, 4, 16, 24), steps=2)
+    assert len(calls) == 1 and calls[0]["tokens"] == 16 * 24  # step 1: input.1 only; step 2: no layer
