@@ -326,3 +326,11 @@ def test_a_graded_selection_is_followed_per_step(monkeypatch):
                             schedule={round(steps[0]): {early: frozenset({"q"})}, round(steps[1]): {}})
     tiny.sample(cross(model, second, layers=graded), "sd15", positive=first, latent=torch.zeros(1, 4, 16, 24), steps=2)
     assert len(calls) == 1 and calls[0]["tokens"] == 16 * 24  # step 1: input.1 only; step 2: no layer
+
+
+def test_epsilon_blend_refuses_a_latent_that_is_not_an_image():
+    _, positive = epsilon(tiny.build("sd15"), *prompts("sd15"))
+    entries = [{**options, "model_conds": {}, "uuid": index} for index, (_, options) in enumerate(positive)]
+    video = torch.zeros(1, 4, 3, 8, 8)
+    with pytest.raises(InputError, match="MultiCond_EpsilonBlend: input 'model'.*5 dimensions"):
+        EpsilonBlendWrapper()(lambda *args: None, None, [entries], video, torch.tensor([1.0]), {})
