@@ -62,12 +62,13 @@ class UNetLayout:
 
     @property
     def layers(self) -> tuple[LayerId, ...]:
-        down = [layer for level in range(len(self.depths)) for layer in self._level_layers(level, "input")]
-        up = [layer for level in reversed(range(len(self.depths))) for layer in self._level_layers(level, "output")]
+        down = [layer for level in range(len(self.depths)) for layer in self.level_layers(level, "input")]
+        up = [layer for level in reversed(range(len(self.depths))) for layer in self.level_layers(level, "output")]
         middle = [LayerId("middle", 0, d) for d in range(self.middle_depth)]
         return tuple(down + up + middle)
 
-    def _level_layers(self, level: int, block: str) -> list[LayerId]:
+    def level_layers(self, level: int, block: str) -> list[LayerId]:
+        """The attention layers of one resolution level (0 = full resolution) in the encoder ("input") or decoder ("output")."""
         if self.depths[level] == 0:
             return []
         if block == "input":
@@ -220,7 +221,7 @@ def layout_from_layers(family: str, layers: Iterable[LayerId], res_blocks: Seque
     depths = [0] * levels
     probe = UNetLayout(family, tuple(res_blocks), tuple([1] * levels), 0)
     for level in range(levels):
-        numbers = {layer.number for layer in probe._level_layers(level, "input")}
+        numbers = {layer.number for layer in probe.level_layers(level, "input")}
         depths[level] = max((layer.depth + 1 for layer in layers if layer.block == "input" and layer.number in numbers), default=0)
     middle = max((layer.depth + 1 for layer in layers if layer.block == "middle"), default=0)
     layout = UNetLayout(family, tuple(res_blocks), tuple(depths), middle)
