@@ -10,10 +10,12 @@ from .balance import LayerBalance
 from .blend import CrossAttnBlend, EpsilonBlend
 from .prompts import BatchPrompts
 from .reference import StyleReference
+from .spatial import SpatialGuidance
 from .style import AdaINStyle, SharedAttention
 
 
 class MultiCondExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance, EpsilonBlend, CrossAttnBlend]
+        return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance, EpsilonBlend, CrossAttnBlend,
+                SpatialGuidance]

@@ -1,0 +1,265 @@
+"""SpatialGuidance: objects where the prompt puts them (InfSplign, Rastegar et al.).
+
+On a guided step an APPLY_MODEL wrapper runs the conditional rows once with autograd (outside
+ComfyUI's inference mode, weights reached through `InferenceWeights`), while attn2 replace
+patches on the original's decoder layers record the cross-attention probabilities; the loss's
+gradient with respect to the latent is kept for that step, and a post-CFG function moves the
+guided prediction by it. The unconditional rows run as usual, without autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import torch
+from comfy_api.latest import io
+
+from ..core.errors import InputError
+from ..core.inference_grad import InferenceWeights
+from ..core.layers import LayerId
+from ..core.spatial import (PHI, RELATIONS, LayerMaps, SpatialSettings, attention_with_maps, find_subsequence,
+                            guidance_layers, guidance_loss, guided_denoised, parse_relation)
+from .common import CATEGORY, current_sigma, existing_replace, model_layout, plain_attention, sigma_range
+
+SPATIAL_GUIDANCE = "MultiCond_SpatialGuidance"
+WRAPPER_KEY = "multicond.spatial_guidance"
+RECORD = "multicond_spatial_maps"  # transformer_options: the list the guided layers append their maps to
+FROM_PROMPT = "from prompt"
+COND = 0  # ComfyUI's CFGGuider runs [positive, negative]: chunk index 0 is the positive
+
+
+@dataclass
+class StepGradient:
+    """The loss gradient of the current step, summed over the conditional chunks that ran it."""
+
+    sigma: float | None = None
+    total: torch.Tensor | None = None
+    chunks: int = 0
+
+    def add(self, sigma: float, gradient: torch.Tensor) -> None:
+        if self.sigma != sigma or self.total is None or self.total.shape != gradient.shape:
+            self.sigma, self.total, self.chunks = sigma, torch.zeros_like(gradient), 0
+        self.total = self.total + gradient
+        self.chunks += 1
+
+    def take(self, sigma: float, shape: torch.Size) -> torch.Tensor | None:
+        """The mean over chunks (ComfyUI averages several positive prompts), once, if it is this step's."""
+        if self.sigma != sigma or self.total is None or self.total.shape != shape:
+            return None
+        gradient, self.sigma, self.total = self.total / self.chunks, None, None
+        return gradient
+
+
+@dataclass(frozen=True)
+class Guidance:
+    settings: SpatialSettings
+    tokens_a: tuple[int, ...]
+    tokens_b: tuple[int, ...]
+    sigma_high: float
+    sigma_low: float
+    step: StepGradient = field(default_factory=StepGradient, compare=False)
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_low <= sigma <= self.sigma_high
+
+
+@dataclass(frozen=True)
+class MapRecorder:
+    """attn2 replacement on a guided layer: while the guided pass records, attention from explicit probabilities."""
+
+    layer: LayerId
+    role: str
+    inner: Any = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        record = extra_options.get(RECORD)
+        if record is None:
+            return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
+        _, _, height, width = extra_options["activations_shape"]
+        out, probs = attention_with_maps(q, k, v, extra_options["n_heads"])
+        record.append(LayerMaps(probs, height, width, self.role))
+        # Another pack's patch keeps its output (its own extra attention); the maps are the text attention's.
+        return out if self.inner is None else self.inner(q, k, v, extra_options)
+
+
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """`value` with every tensor batched like the model input narrowed to `rows` (in lists and dicts too), cloned."""
+    if isinstance(value, torch.Tensor):
+        return value[rows].clone() if value.ndim and value.shape[0] == batch else value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows(item, rows, batch) for item in value)
+    if isinstance(value, dict):
+        return {key: _rows(item, rows, batch) for key, item in value.items()}
+    return value
+
+
+def _pytorch_attention(function: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # The guided pass needs a differentiable kernel whatever backend ComfyUI runs with.
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class GuidanceWrapper:
+    """APPLY_MODEL wrapper: on a guided step, the conditional rows run with autograd and leave the gradient."""
+
+    guidance: Guidance
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
+                 transformer_options: dict, **kwargs: Any) -> torch.Tensor:
+        chunks = transformer_options["cond_or_uncond"]
+        sigma = current_sigma(transformer_options)
+        if COND not in chunks or not self.guidance.active(sigma):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        images = x.shape[0] // len(chunks)
+        kinds = torch.tensor(chunks).repeat_interleave(images)
+        guided, plain = (kinds == COND).nonzero()[:, 0], (kinds != COND).nonzero()[:, 0]
+        out = torch.empty_like(x)
+        if len(plain):
+            narrowed = _rows((c_concat, c_crossattn, control, kwargs), plain, x.shape[0])
+            options = {**transformer_options, "cond_or_uncond": [kind for kind in chunks if kind != COND]}
+            out[plain] = executor(x[plain], t[plain], *narrowed[:3], options, **narrowed[3])
+        denoised, gradient = self._guided(executor, x, t, (c_concat, c_crossattn, control, kwargs), transformer_options,
+                                          guided, chunks.count(COND))
+        out[guided] = denoised
+        self.guidance.step.add(sigma, gradient.reshape(-1, images, *x.shape[1:]).sum(0))
+        return out
+
+    def _guided(self, executor: Any, x: torch.Tensor, t: torch.Tensor, inputs: tuple, transformer_options: dict,
+                rows: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        guidance = self.guidance
+        with torch.inference_mode(False), torch.enable_grad():
+            latent = x[rows].detach().clone().requires_grad_(True)
+            c_concat, c_crossattn, control, kwargs = _rows(inputs, rows, x.shape[0])
+            maps: list[LayerMaps] = []
+            options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: maps,
+                       "optimized_attention_override": _pytorch_attention}
+            with InferenceWeights():
+                denoised = executor(latent, t[rows].clone(), c_concat, c_crossattn, control, options, **kwargs)
+            loss = guidance_loss(maps, guidance.tokens_a, guidance.tokens_b, guidance.settings)
+            (gradient,) = torch.autograd.grad(loss.sum(), latent)  # each image's own loss: a sum over images
+        return denoised.detach(), gradient.detach()
+
+
+@dataclass(frozen=True)
+class GuidanceUpdate:
+    """sampler_post_cfg_function: the original's eps <- eps + w dL/dx_t on the guided prediction."""
+
+    guidance: Guidance
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        denoised, sigma = args["denoised"], args["sigma"]
+        gradient = self.guidance.step.take(float(sigma.max()), denoised.shape)
+        if gradient is None:
+            return denoised
+        return guided_denoised(denoised, sigma, gradient, self.guidance.settings.weight)
+
+
+def prompt_tokens(clip: Any, text: str) -> list[int]:
+    """Token ids of `text` as the CLIP-L (SD2: OpenCLIP-H) encoder sees them, batches of 77 concatenated."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [item[0] if isinstance(item[0], int) else -1 for batch in tokens[key] for item in batch]
+
+
+def word_tokens(clip: Any, word: str) -> list[int]:
+    """A word's token ids without start and end tokens (`word_ids < 49406` in the original)."""
+    tokenizer = clip.tokenizer
+    inner = getattr(tokenizer, "clip_l", None) or getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
+    if inner is None:
+        raise InputError(SPATIAL_GUIDANCE, "clip", f"{type(tokenizer).__name__} is not a CLIP tokenizer this node reads",
+                         "Use the CLIP of an SD1.x, SD2.x or SDXL checkpoint.")
+    return inner.tokenizer(word)["input_ids"][inner.tokens_start:-1]
+
+
+def object_positions(clip: Any, text: str, word: str, input_name: str, exclude: list[int] = ()) -> list[int]:
+    ids = word_tokens(clip, word.strip().lower())
+    positions = find_subsequence(prompt_tokens(clip, text), ids, exclude) if ids else []
+    if not positions:
+        raise InputError(SPATIAL_GUIDANCE, input_name, f"{word!r} is not in the prompt {text!r}",
+                         "Use a word that appears in the prompt, as written there.")
+    return positions
+
+
+def resolve_words(text: str, object_a: str, relation: str, object_b: str) -> tuple[str, str, str]:
+    """The words and relation: as given, or parsed from a prompt like "a cat to the left of a dog"."""
+    parsed = parse_relation(text)
+    missing = [name for name, value in (("object_a", object_a), ("object_b", object_b)) if not value.strip()]
+    if relation == FROM_PROMPT or missing:
+        if parsed is None:
+            name = "relation" if relation == FROM_PROMPT else missing[0]
+            raise InputError(SPATIAL_GUIDANCE, name, f"no relation like 'to the left of' found in {text!r}",
+                             "Write the prompt as 'A to the left of B' (or above, below, right of, next to), or fill "
+                             "object_a, relation and object_b.")
+        object_a = object_a.strip() or parsed.object_a
+        object_b = object_b.strip() or parsed.object_b
+        relation = parsed.relation if relation == FROM_PROMPT else relation
+    return object_a.strip(), relation, object_b.strip()
+
+
+class SpatialGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=SPATIAL_GUIDANCE,
+            display_name="Spatial Guidance (InfSplign)",
+            category=f"{CATEGORY}/spatial",
+            description="InfSplign (Rastegar et al.): each guided step pushes the noise along the gradient of a loss "
+                        "on the cross-attention maps of two words, so 'A to the left of B' comes out as written. "
+                        "Encodes the prompt itself: use its positive output. About twice the time of a plain step.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
+                io.Clip.Input("clip", tooltip="The model's CLIP: encodes the prompt and finds the words' tokens."),
+                io.String.Input("text", multiline=True, default="a cat to the left of a dog",
+                                tooltip="The prompt, e.g. 'a cat to the left of a dog'."),
+                io.String.Input("object_a", default="", tooltip="The first object's word as in the prompt; empty: "
+                                                                "parsed from the prompt (the word before the relation)."),
+                io.Combo.Input("relation", options=[FROM_PROMPT, *RELATIONS], default=FROM_PROMPT,
+                               tooltip="Where object A goes relative to object B; 'from prompt' reads it from the text "
+                                       "(to the left of, on top of, under, near, ...)."),
+                io.String.Input("object_b", default="", tooltip="The second object's word; empty: parsed from the prompt."),
+                io.Float.Input("weight", default=1000.0, min=0.0, max=100000.0, step=10.0,
+                               tooltip="Guidance strength on the paper's epsilon scale (paper: 1000)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling where guidance starts (paper: every step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling where guidance ends."),
+                io.Combo.Input("phi", options=list(PHI), default="gelu",
+                               tooltip="The spatial hinge phi(alpha (margin - d)) (paper: gelu)."),
+                io.Float.Input("alpha", default=0.75, min=0.0, max=20.0, step=0.05, tooltip="The hinge's slope (paper: 0.75)."),
+                io.Float.Input("margin", default=0.25, min=-1.0, max=1.0, step=0.01,
+                               tooltip="How far apart the centroids should be, as a fraction of the image (paper: 0.25)."),
+                io.Float.Input("lambda_spatial", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the relation term (paper: 1)."),
+                io.Float.Input("lambda_presence", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of var_A + var_B on the coarser layers: compact, present objects (paper: 1)."),
+                io.Float.Input("lambda_balance", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of |var_A - var_B| on the finer layers: balanced objects (paper: 1)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the guidance installed."),
+                io.Conditioning.Output(display_name="positive", tooltip="The prompt encoded: the sampler's positive."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, clip: Any, text: str, object_a: str, relation: str, object_b: str, weight: float,
+                start_percent: float, end_percent: float, phi: str, alpha: float, margin: float, lambda_spatial: float,
+                lambda_presence: float, lambda_balance: float) -> io.NodeOutput:
+        layout = model_layout(model, SPATIAL_GUIDANCE)
+        high, low = sigma_range(model, start_percent, end_percent, SPATIAL_GUIDANCE)
+        object_a, relation, object_b = resolve_words(text, object_a, relation, object_b)
+        tokens_a = object_positions(clip, text, object_a, "object_a")
+        tokens_b = object_positions(clip, text, object_b, "object_b", exclude=tokens_a)
+        settings = SpatialSettings(relation, phi, alpha, margin, lambda_spatial, lambda_presence, lambda_balance, weight)
+        guidance = Guidance(settings, tuple(tokens_a), tuple(tokens_b), high, low)
+        patched = model.clone()
+        for layer, role in guidance_layers(layout).items():
+            patched.set_model_attn2_replace(MapRecorder(layer, role, existing_replace(patched, "attn2", layer)), *layer.comfy_key)
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, GuidanceWrapper(guidance))
+        patched.set_model_sampler_post_cfg_function(GuidanceUpdate(guidance))
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return io.NodeOutput(patched, positive)
