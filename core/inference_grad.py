@@ -68,35 +68,33 @@ class _AffineNorm(torch.autograd.Function):
         return x_grad, None, None, None, None, None
 
 
-def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict) -> list:
-    values = dict(zip(names, args))
-    values.update(kwargs)
-    return [values.get(name, defaults.get(name)) for name in names]
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _Linear.apply(x, weight, bias)
 
 
-def _linear(*args: Any, **kwargs: Any) -> Any:
-    x, weight, bias = _arguments(args, kwargs, ("input", "weight", "bias"), {})
-    return _Linear.apply(x, weight, bias) if x.requires_grad and _frozen(weight) else NotImplemented
-
-
-def _conv2d(*args: Any, **kwargs: Any) -> Any:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    x, weight, bias, stride, padding, dilation, groups = _arguments(
-        args, kwargs, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
-    if not (x.requires_grad and _frozen(weight)) or isinstance(padding, str):
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1, padding: Any = 0,
+            dilation: Any = 1, groups: int = 1) -> Any:
+    if isinstance(padding, str):
         return NotImplemented
     return _Conv2d.apply(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _norm(norm: Any, shape_name: str) -> Any:
-    def route(*args: Any, **kwargs: Any) -> Any:
-        x, shape, weight, bias, eps = _arguments(args, kwargs, ("input", shape_name, "weight", "bias", "eps"), {"eps": 1e-5})
-        return _AffineNorm.apply(x, norm, shape, weight, bias, eps) if x.requires_grad and _frozen(weight) else NotImplemented
+def _norm(norm: Any) -> Any:
+    def route(x: torch.Tensor, shape: Any, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+        return _AffineNorm.apply(x, norm, shape, weight, bias, eps)
     return route
 
 
-_ROUTES = {F.linear: _linear, torch.conv2d: _conv2d, F.group_norm: _norm(F.group_norm, "num_groups"),
-           F.layer_norm: _norm(F.layer_norm, "normalized_shape")}
+_WEIGHT_POSITION = {F.linear: 1, torch.conv2d: 1, F.group_norm: 2, F.layer_norm: 2}
+
+
+def _weight_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    position = _WEIGHT_POSITION[func]
+    return kwargs["weight"] if "weight" in kwargs else args[position] if len(args) > position else None
+
+
+_ROUTES = {F.linear: _linear, torch.conv2d: _conv2d, F.group_norm: _norm(F.group_norm), F.layer_norm: _norm(F.layer_norm)}
 
 
 class InferenceWeights(TorchFunctionMode):
@@ -105,8 +103,13 @@ class InferenceWeights(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None and torch.is_grad_enabled():
-            out = route(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        return func(*args, **kwargs)
+        if route is None or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        x, weight = kwargs.get("input", args[0] if args else None), _weight_of(func, args, kwargs)
+        if not _frozen(weight):
+            return func(*args, **kwargs)
+        if not x.requires_grad:
+            with torch.no_grad():  # an inference weight needs no graph when the input carries none
+                return func(*args, **kwargs)
+        out = route(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out

@@ -60,6 +60,7 @@ class Guidance:
     tokens_b: tuple[int, ...]
     sigma_high: float
     sigma_low: float
+    last_block: int  # the last output block holding a guided layer: later blocks are off the gradient's path
     step: StepGradient = field(default_factory=StepGradient, compare=False)
 
     def active(self, sigma: float) -> bool:
@@ -94,6 +95,18 @@ def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     if isinstance(value, dict):
         return {key: _rows(item, rows, batch) for key, item in value.items()}
     return value
+
+
+@dataclass(frozen=True)
+class DetachTail:
+    """output_block_patch of the guided pass: blocks after the last guided one run without autograd (no saved activations)."""
+
+    last_block: int
+
+    def __call__(self, h: torch.Tensor, skip: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if transformer_options["block"][1] > self.last_block:
+            return h.detach(), skip.detach()
+        return h, skip
 
 
 def _pytorch_attention(function: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -134,7 +147,9 @@ class GuidanceWrapper:
             latent = x[rows].detach().clone().requires_grad_(True)
             c_concat, c_crossattn, control, kwargs = _rows(inputs, rows, x.shape[0])
             maps: list[LayerMaps] = []
-            options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: maps,
+            patches = dict(transformer_options.get("patches", {}))
+            patches["output_block_patch"] = [*patches.get("output_block_patch", []), DetachTail(guidance.last_block)]
+            options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: maps, "patches": patches,
                        "optimized_attention_override": _pytorch_attention}
             with InferenceWeights():
                 denoised = executor(latent, t[rows].clone(), c_concat, c_crossattn, control, options, **kwargs)
@@ -254,9 +269,10 @@ class SpatialGuidance(io.ComfyNode):
         tokens_a = object_positions(clip, text, object_a, "object_a")
         tokens_b = object_positions(clip, text, object_b, "object_b", exclude=tokens_a)
         settings = SpatialSettings(relation, phi, alpha, margin, lambda_spatial, lambda_presence, lambda_balance, weight)
-        guidance = Guidance(settings, tuple(tokens_a), tuple(tokens_b), high, low)
+        roles = guidance_layers(layout)
+        guidance = Guidance(settings, tuple(tokens_a), tuple(tokens_b), high, low, max(layer.number for layer in roles))
         patched = model.clone()
-        for layer, role in guidance_layers(layout).items():
+        for layer, role in roles.items():
             patched.set_model_attn2_replace(MapRecorder(layer, role, existing_replace(patched, "attn2", layer)), *layer.comfy_key)
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, GuidanceWrapper(guidance))

@@ -53,3 +53,11 @@ def test_ordinary_weights_take_the_usual_path():
         leaf = x.clone().requires_grad_(True)
         model(leaf).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_input_without_gradient_runs_plainly_on_inference_weights():
+    with torch.inference_mode():
+        frozen = network()
+    with InferenceWeights(), torch.enable_grad():
+        out = frozen(torch.randn(1, 4, 8, 8))
+    assert not out.requires_grad
