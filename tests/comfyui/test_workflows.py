@@ -35,7 +35,7 @@ if COMFYUI is None:
 HOST = "127.0.0.1"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts",
-                   "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend")
+                   "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend", "MultiCond_SpatialGuidance")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 REFERENCE_IMAGE = "multicond_test_reference.png"
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
