@@ -2,14 +2,17 @@
 
 Commands: `style-aligned` (a batch of images sharing the first one's style, optionally from a
 real reference image through DDIM inversion), `dual-style` (two prompts in one image, blended by a
-spatial profile or a mask) and `analyze` (a Conditional Balance grading from a StyleAligned image
-series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random
+spatial profile or a mask), `spatial` (InfSplign: objects where the prompt's relation puts them,
+e.g. "a cat to the left of a dog") and `analyze` (a Conditional Balance grading from a StyleAligned
+image series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random
 model is used: it shows the pipeline runs end to end, its images are noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import sys
@@ -24,11 +27,13 @@ from tqdm.auto import tqdm
 from ..balance import save_grading
 from ..blend import CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, SHAPES, Profile
 from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
+from ..spatial import PHI, RELATION_PHRASES, RELATIONS, SpatialSettings, parse_relation
 from ..style import StyleAlignedArgs
 from .analysis import (Series, analyze_jobs, grade_series, grading_heatmap, load_series, load_stats, merge_shards,
                        save_stats)
 from .dual_style import Weights, generate_dual_style
 from .pipeline import generate, invert_image, pin_reference
+from .spatial import SpatialResult, generate_spatial, infsplign_scheduler, normalized_relation, object_tokens
 from .style_aligned import shared_layers
 from .tiny import FAMILIES, TINY_IMAGE_SIZE, load_pipeline
 
@@ -90,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_style_aligned_parser(commands)
     _add_dual_style_parser(commands)
+    _add_spatial_parser(commands)
     _add_analyze_parser(commands)
     return parser
 
@@ -300,6 +306,142 @@ def _dual_style(ns: argparse.Namespace, weights: Weights) -> int:
         path = ns.out / f"{name}.png"
         image.save(path)
         print(path)
+    return 0
+
+
+SPATIAL_PROMPT = "a cat to the left of a dog"
+
+
+def _relation(text: str) -> str:
+    name = normalized_relation(text)
+    if name not in RELATIONS:
+        raise argparse.ArgumentTypeError(f"unknown relation {text!r}; use one of: {', '.join(RELATIONS)} "
+                                         f"(or a phrase such as {', '.join(repr(p) for p in list(RELATION_PHRASES)[:3])})")
+    return name
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the steps in 0..1, got {text}")
+    return value
+
+
+def _add_spatial_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("spatial", help="objects where the prompt's relation puts them (InfSplign)",
+                                 description="Generate images of a prompt such as 'a cat to the left of a dog' with "
+                                             "InfSplign's guidance: at every guided step the gradient of a loss on the "
+                                             "two objects' cross-attention maps moves the noise prediction. Writes the "
+                                             "PNGs and centroids.json (each object's final-map centroid per image).")
+    parser.add_argument("--prompt", default=SPATIAL_PROMPT, help="the prompt (default: '%(default)s')")
+    parser.add_argument("--object-a", help="the first object, a word of the prompt (default: parsed from the prompt)")
+    parser.add_argument("--relation", type=_relation,
+                        help=f"{', '.join(RELATIONS)}, or a phrase such as 'to the left of' (default: parsed from the prompt)")
+    parser.add_argument("--object-b", help="the second object, a word of the prompt (default: parsed from the prompt)")
+    defaults = SpatialSettings()
+    loss = parser.add_argument_group("InfSplign loss and update (defaults: the original's)")
+    loss.add_argument("--phi", choices=tuple(PHI), default=defaults.phi, help="the hinge's function (default %(default)s)")
+    loss.add_argument("--alpha", type=float, default=defaults.alpha, help="slope inside phi (default %(default)s)")
+    loss.add_argument("--margin", type=float, default=defaults.margin,
+                      help="the centroid gap (in 0..1 of the image) the hinge asks for (default %(default)s)")
+    loss.add_argument("--lambda-spatial", type=float, default=defaults.lambda_spatial, help="(default %(default)s)")
+    loss.add_argument("--lambda-presence", type=float, default=defaults.lambda_presence,
+                      help="weight of var_A + var_B on the coarsest layers (default %(default)s)")
+    loss.add_argument("--lambda-balance", type=float, default=defaults.lambda_balance,
+                      help="weight of |var_A - var_B| on the finer layers (default %(default)s)")
+    loss.add_argument("--weight", type=float, default=defaults.weight,
+                      help="eps <- eps + weight * dL/dx_t; 0 samples without guidance (default %(default)s)")
+    loss.add_argument("--start", type=_fraction, default=0.0, help="guide from this fraction of the steps (default 0)")
+    loss.add_argument("--end", type=_fraction, default=1.0, help="up to this fraction of the steps (default 1: all)")
+    parser.add_argument("--scheduler", choices=("ddpm", "pipeline"), default="ddpm",
+                        help="ddpm: the original's DDPM with trailing timesteps; pipeline: the loaded one's (DDIM) "
+                             "(default %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default %(default)s)")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
+    parser.add_argument("--images", type=int, default=1, help="how many images (default %(default)s)")
+    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
+    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("outputs/spatial"), help="output folder (default %(default)s)")
+    parser.add_argument("--plain", action="store_true", help="also write unguided images from the same noise")
+    parser.set_defaults(run=run_spatial, parser=parser)
+
+
+def _validate_spatial(ns: argparse.Namespace) -> None:
+    parser: argparse.ArgumentParser = ns.parser
+    missing = [name for name in ("object_a", "relation", "object_b") if getattr(ns, name) is None]
+    if missing:
+        parsed = parse_relation(ns.prompt)
+        if parsed is None:
+            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+            parser.error(f"the prompt {ns.prompt!r} has no relation phrase to find the objects in; write one into it, "
+                         f"e.g. '{SPATIAL_PROMPT}' ({', '.join(RELATIONS)}), or give {flags}")
+        for name in missing:
+            setattr(ns, name, getattr(parsed, name))
+    if ns.start > ns.end:
+        parser.error(f"--start ({ns.start}) must not be after --end ({ns.end})")
+    if ns.steps < 1 or ns.images < 1:
+        parser.error("--steps and --images must be >= 1")
+    if ns.size is not None and (ns.size < 8 or ns.size % 8):
+        parser.error(f"--size must be a positive multiple of 8 (latents are 1/8 of the image), got {ns.size}")
+
+
+def spatial_settings(ns: argparse.Namespace) -> SpatialSettings:
+    return SpatialSettings(relation=ns.relation, phi=ns.phi, alpha=ns.alpha, margin=ns.margin,
+                           lambda_spatial=ns.lambda_spatial, lambda_presence=ns.lambda_presence,
+                           lambda_balance=ns.lambda_balance, weight=ns.weight)
+
+
+def run_spatial(ns: argparse.Namespace) -> int:
+    _validate_spatial(ns)
+    if ns.checkpoint is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
+    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
+        return _spatial(ns)
+
+
+def _spatial_records(result: SpatialResult, files: list[Path], seed: int, guided: bool) -> list[dict]:
+    return [{"file": path.name, "seed": seed + index, "guided": guided, "centroid_a": list(a), "centroid_b": list(b),
+             "distance": d, "holds": holds}
+            for index, (path, a, b, d, holds) in enumerate(zip(files, result.centroids_a, result.centroids_b,
+                                                                result.distances, result.holds))]
+
+
+def _spatial(ns: argparse.Namespace) -> int:
+    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+    if ns.scheduler == "ddpm":
+        pipe.scheduler = infsplign_scheduler(pipe)
+    try:
+        object_tokens(pipe, ns.prompt, ns.object_b, exclude=object_tokens(pipe, ns.prompt, ns.object_a))
+    except ValueError as error:
+        ns.parser.error(f"{error} (--object-a/--object-b)")
+    settings = spatial_settings(ns)
+    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+    print(f"InfSplign: {ns.object_a!r} {ns.relation} {ns.object_b!r}, weight {settings.weight:g}, "
+          f"{type(pipe.scheduler).__name__} {ns.steps} steps")
+    runs = [("spatial", settings)] + ([("plain", dataclasses.replace(settings, weight=0.0))] if ns.plain else [])
+    ns.out.mkdir(parents=True, exist_ok=True)
+    report = {"prompt": ns.prompt, "object_a": ns.object_a, "relation": ns.relation, "object_b": ns.object_b,
+              "settings": dataclasses.asdict(settings), "start": ns.start, "end": ns.end, "steps": ns.steps,
+              "cfg": ns.cfg, "scheduler": type(pipe.scheduler).__name__, "images": []}
+    for name, run_settings in runs:
+        result = generate_spatial(pipe, ns.prompt, ns.object_a, ns.relation, ns.object_b, run_settings, steps=ns.steps,
+                                  guidance_scale=ns.cfg, seed=ns.seed, images=ns.images, height=size, width=size,
+                                  start=ns.start, end=ns.end)
+        files = [ns.out / f"{index:02d}-{name}-{slug(ns.prompt)}.png" for index in range(ns.images)]
+        for path, image in zip(files, result.images):
+            image.save(path)
+            print(path)
+        report.update(tokens_a=result.tokens_a, tokens_b=result.tokens_b)
+        report["images"] += _spatial_records(result, files, ns.seed, name == "spatial" and run_settings.weight != 0)
+        print(f"{name}: the relation holds (d > 0) in {sum(result.holds)} of {ns.images} images' final maps")
+    path = ns.out / "centroids.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(path)
     return 0
 
 
