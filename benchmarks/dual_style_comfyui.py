@@ -12,16 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tests.conftest  # noqa: E402,F401 - registers the pack as `multicond`
-from tests.comfyui.comfy_host import find_comfyui, import_comfyui  # noqa: E402
-
-COMFY = find_comfyui()
-if COMFY is None:
-    sys.exit("set COMFYUI_PATH to a ComfyUI checkout and run with its Python")
-import_comfyui(COMFY, pytorch_attention=True)
+import benchmarks.comfy_setup  # noqa: E402,F401 - ComfyUI first, then the pack
 
 import torch  # noqa: E402
 
