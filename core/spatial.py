@@ -120,7 +120,8 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     """Attention output and its head-averaged probabilities `(B, N, T)`, from one softmax (as `get_attention_scores`)."""
     batch, tokens, width = q.shape
     split = lambda t: t.reshape(batch, -1, heads, width // heads).transpose(1, 2)  # noqa: E731
-    scores = split(q).float() @ split(k).float().transpose(-1, -2) * (width // heads) ** -0.5
+    precision = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32, as upcast attention
+    scores = split(q).to(precision) @ split(k).to(precision).transpose(-1, -2) * (width // heads) ** -0.5
     probs = scores.softmax(dim=-1)
     out = (probs.to(v.dtype) @ split(v)).transpose(1, 2).reshape(batch, tokens, width)
     return out, probs.mean(dim=1)

@@ -17,7 +17,7 @@ from multicond.core.diffusers_binding import (StyleAlignedProcessor, install_sty
 from multicond.core.layers import SD1, SDXL, LayerSelection
 from multicond.core.style import StyleAlignedArgs
 
-from .paper_style_aligned import paper_shared_names, paper_switch_vector, paper_unet
+from .paper_style_aligned import paper_shared_names, paper_unet
 
 FAMILIES = ("sd1", "sdxl")
 ROWS = 3  # images per CFG half: the reference and two targets

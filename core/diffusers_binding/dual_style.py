@@ -18,19 +18,18 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from torch.utils.hooks import RemovableHandle
 
 from ..attention import sdpa_attention
 from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weights, blend, check_mask,
                      dual_context_attention, latent_weights, layer_weights, rows_of)
 from ..layers import LayerId, LayerSelection
+from .handle import UNetHandle
 from .pipeline import default_size, initial_latents
 from .style_aligned import StepClock, _merge_heads, _split_heads, unet_layout
 
@@ -119,35 +118,14 @@ def _grow(value: Any, batch: int, images: int) -> Any:
 
 
 @dataclass
-class DualStyleHandle:
+class DualStyleHandle(UNetHandle):
     """What an install changed; `remove()` puts it back (also on leaving a `with`).
 
     `processors` are the cross-attention processors by module path (empty for the epsilon blend).
     """
 
-    unet: UNet2DConditionModel
-    method: str
-    previous: dict[str, Any] = field(default_factory=dict)
-    hooks: list[RemovableHandle] = field(default_factory=list)
+    method: str = ""
     processors: dict[str, DualContextProcessor] = field(default_factory=dict)
-    removed: bool = False
-
-    def remove(self) -> None:
-        if self.removed:
-            return
-        for path, processor in self.previous.items():
-            self.unet.get_submodule(path).set_processor(processor)
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
-        _INSTALLED.discard(self.unet)
-        self.removed = True
-
-    def __enter__(self) -> DualStyleHandle:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        self.remove()
 
 
 def _claim(pipe: DiffusionPipeline) -> UNet2DConditionModel:
@@ -232,7 +210,7 @@ def install_epsilon_blend(pipe: DiffusionPipeline, second_prompt: str, weights: 
     """
     unet = _claim(pipe)
     blender = EpsilonBlend(pipe, encode_second_prompt(pipe, second_prompt), checked_weights(weights, EPSILON_SHARPNESS))
-    handle = DualStyleHandle(unet, "epsilon")
+    handle = DualStyleHandle(unet, registry=_INSTALLED, method="epsilon")
     handle.hooks.append(unet.register_forward_pre_hook(blender.before, with_kwargs=True))
     handle.hooks.append(unet.register_forward_hook(blender.after))
     _INSTALLED.add(unet)
@@ -415,7 +393,8 @@ def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, w
         # A selection names self-attention layers; the cross-attention sits in the same transformer block.
         layer = layout.layer_from_diffusers_path(path.replace("attn2", "attn1")) if layout else None
         processors[path] = DualContextProcessor(blender, grid, layer, layers, clock)
-    handle = DualStyleHandle(unet, "cross-attention", {path: unet.get_submodule(path).processor for path in processors},
+    handle = DualStyleHandle(unet, {path: unet.get_submodule(path).processor for path in processors}, registry=_INSTALLED,
+                             method="cross-attention",
                              processors=processors)
     for path, processor in processors.items():
         unet.get_submodule(path).set_processor(processor)

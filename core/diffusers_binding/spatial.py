@@ -19,16 +19,15 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from torch.utils.hooks import RemovableHandle
 
 from ..spatial import (RELATION_PHRASES, LayerMaps, SpatialSettings, attention_with_maps, centroid_and_variance,
                        find_subsequence, guidance_layers, guidance_loss, object_map, relation_distance)
+from .handle import UNetHandle
 from .dual_style import DualContextProcessor, TokenGrid, _argument, cross_attention_layers
 from .pipeline import cfg_unet_inputs, default_size, row_generators
 from .style_aligned import _merge_heads, _split_heads, unet_layout, unet_of
@@ -181,25 +180,11 @@ class SpatialMapProcessor:
 
 
 @dataclass
-class SpatialHandle:
+class SpatialHandle(UNetHandle):
     """The installed map recorders; `remove()` restores the processors and hooks (also on leaving a `with`)."""
 
-    unet: UNet2DConditionModel
-    recorder: MapRecorder
+    recorder: MapRecorder = field(default_factory=lambda: MapRecorder())
     processors: dict[str, SpatialMapProcessor] = field(default_factory=dict)  # by attn2 path, in guidance_layers order
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    removed: bool = False
-
-    def remove(self) -> None:
-        if self.removed:
-            return
-        for path, processor in self.processors.items():
-            self.unet.get_submodule(path).set_processor(processor.previous)
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
-        _INSTALLED.discard(self.unet)
-        self.removed = True
 
     def layers(self, maps: dict[str, LayerMaps]) -> list[LayerMaps]:
         """The recorded maps in greenlist order; a layer that recorded nothing raises."""
@@ -207,13 +192,6 @@ class SpatialHandle:
         if missing:
             raise RuntimeError(f"no cross-attention maps were recorded at {missing}; record a whole UNet call")
         return [maps[path] for path in self.processors]
-
-    def __enter__(self) -> SpatialHandle:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.remove()
 
 
 def spatial_layer_paths(unet: UNet2DConditionModel) -> dict[str, str]:
@@ -240,7 +218,7 @@ def install_spatial_maps(unet_or_pipeline: Any) -> SpatialHandle:
         if isinstance(unet.get_submodule(path).processor, DualContextProcessor):
             raise RuntimeError(f"{path} carries a dual-style cross-attention blend; remove it before spatial guidance")
     recorder = MapRecorder()
-    handle = SpatialHandle(unet, recorder)
+    handle = SpatialHandle(unet, registry=_INSTALLED, recorder=recorder)
     grids: dict[int, TokenGrid] = {}
     for path, role in roles.items():
         transformer = transformers[path]
@@ -249,6 +227,7 @@ def install_spatial_maps(unet_or_pipeline: Any) -> SpatialHandle:
             handle.hooks.append(transformer.register_forward_pre_hook(grids[id(transformer)].hook, with_kwargs=True))
         module = unet.get_submodule(path)
         handle.processors[path] = SpatialMapProcessor(recorder, grids[id(transformer)], path, role, module.processor)
+        handle.previous[path] = module.processor
     for path, processor in handle.processors.items():
         unet.get_submodule(path).set_processor(processor)
     _INSTALLED.add(unet)

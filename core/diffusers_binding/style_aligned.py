@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
-from torch.utils.hooks import RemovableHandle
 
 from ..chunks import ChunkLayout, chunk_layout
 from ..layers import LayerId, LayerSelection, UNetLayout, select_evenly_spaced
 from ..style import (AdaINSettings, ShareSettings, StyleAlignedArgs, allowed_adain, allowed_share, attach_shared_norm,
                      style_attention)
+from .handle import UNetHandle
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
 Observer = Callable[[Any, ChunkLayout, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -159,30 +158,10 @@ class StyleAlignedProcessor:
 
 
 @dataclass
-class StyleAlignedHandle:
+class StyleAlignedHandle(UNetHandle):
     """What `install_style_aligned` changed; `remove()` puts it back (also on leaving a `with`)."""
 
-    unet: UNet2DConditionModel
-    layers: list[str]
-    previous: dict[str, Any]
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    removed: bool = False
-
-    def remove(self) -> None:
-        if self.removed:
-            return
-        for path, processor in self.previous.items():
-            self.unet.get_submodule(path).set_processor(processor)
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
-        self.removed = True
-
-    def __enter__(self) -> StyleAlignedHandle:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        self.remove()
+    layers: list[str] = field(default_factory=list)
 
 
 def _reference_rows(chunks: int, reference_index: int) -> Callable[[int], torch.Tensor | None]:
@@ -220,7 +199,7 @@ def install_style_aligned(unet_or_pipeline: Any, args: StyleAlignedArgs = StyleA
         chosen = [layer for layer in layout.layers if layer in layers.layers]
         processors = {layout.diffusers_path(layer): StyleAlignedProcessor(args.adain, args.share, chunks, reference_index,
                                                                           layer, layers, clock) for layer in chosen}
-    handle = StyleAlignedHandle(unet, list(processors), {path: unet.get_submodule(path).processor for path in processors})
+    handle = StyleAlignedHandle(unet, {path: unet.get_submodule(path).processor for path in processors}, layers=list(processors))
     for path, processor in processors.items():
         unet.get_submodule(path).set_processor(processor)
     if clock is not None:
