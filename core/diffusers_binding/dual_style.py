@@ -31,7 +31,8 @@ from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weig
 from ..layers import LayerId, LayerSelection
 from .handle import UNetHandle
 from .pipeline import default_size, initial_latents
-from .style_aligned import StepClock, _merge_heads, _split_heads, unet_layout
+from .processor import attention_inputs, attention_output, projections
+from .style_aligned import StepClock, unet_layout
 
 METHODS = ("epsilon", "cross-attention", "plain-first", "plain-second")
 Size = tuple[int, int]
@@ -306,22 +307,8 @@ class DualContextProcessor:
             raise RuntimeError(f"the context has {encoder_hidden_states.shape[1]} tokens, not the first prompt's "
                                f"{blender.first_tokens} + the second's {blender.second_tokens}: call the whole UNet, "
                                "whose pre-hook appends the second prompt")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
-        if attn.norm_k is not None:
-            key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
+        hidden, context, shape = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+        query, key, value = projections(attn, hidden, context)
         if self.active():
             if query.shape[0] != 2 * blender.images:
                 raise RuntimeError(f"the layer got {query.shape[0]} rows but the UNet call {2 * blender.images}")
@@ -331,13 +318,7 @@ class DualContextProcessor:
         else:
             first = blender.first_tokens
             out = sdpa_attention(query, key[:, :first], value[:, :first], attn.heads)
-        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
-
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, out, hidden_states, shape, query.dtype)
 
     def active(self) -> bool:
         """Whether this layer blends in the current UNet call (its selection's choice at this timestep)."""

@@ -30,7 +30,8 @@ from ..spatial import (RELATION_PHRASES, LayerMaps, SpatialSettings, attention_w
 from .handle import UNetHandle
 from .dual_style import DualContextProcessor, TokenGrid, _argument, cross_attention_layers
 from .pipeline import cfg_unet_inputs, default_size, row_generators
-from .style_aligned import _merge_heads, _split_heads, unet_layout, unet_of
+from .processor import attention_inputs, attention_output, projections
+from .style_aligned import unet_layout, unet_of
 
 # Backward through a float16 UNet: the loss is scaled up before autograd and the gradient scaled
 # back in float32, so small gradients do not flush to zero (what the original's unused `sg_loss_rescale`
@@ -97,30 +98,6 @@ class MapRecorder:
             self.rows = None
 
 
-def _flat_inputs(attn: Any, hidden_states: torch.Tensor, context: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]:
-    """The attention's image tokens `(B, N, C)` and context, normalised as `AttnProcessor2_0` does."""
-    shape = None
-    if hidden_states.ndim == 4:
-        shape = hidden_states.shape
-        hidden_states = hidden_states.view(*shape[:2], -1).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    return hidden_states, context, shape
-
-
-def _projections(attn: Any, hidden_states: torch.Tensor, context: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    if attn.norm_q is not None:
-        query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
-    if attn.norm_k is not None:
-        key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
-    return query, key, value
-
-
 @dataclass
 class SpatialMapProcessor:
     """diffusers attention processor for one greenlisted cross-attention (attn2) layer.
@@ -155,21 +132,15 @@ class SpatialMapProcessor:
             raise ValueError(f"{self.path}: recording cross-attention maps does not support a spatial norm")
         if not torch.is_grad_enabled():
             out = self.previous(attn, hidden_states, *args, **kwargs)
-            flat, text, _ = _flat_inputs(attn, hidden_states[rows], context[rows])
-            query, key, value = _projections(attn, flat, text)
+            flat, text, _ = attention_inputs(attn, hidden_states[rows], context[rows])
+            query, key, value = projections(attn, flat, text)
             self.store(attention_with_maps(query, key, value, attn.heads)[1])
             return out
-        residual = hidden_states
-        flat, text, shape = _flat_inputs(attn, hidden_states, context)
-        query, key, value = _projections(attn, flat, text)
+        flat, text, shape = attention_inputs(attn, hidden_states, context)
+        query, key, value = projections(attn, flat, text)
         out, probs = attention_with_maps(query, key, value, attn.heads)
         self.store(probs[rows])
-        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
-        if shape is not None:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, out, hidden_states, shape, query.dtype)
 
     def store(self, probs: torch.Tensor) -> None:
         size = self.grid.size

@@ -21,6 +21,7 @@ from ..layers import LayerId, LayerSelection, UNetLayout, select_evenly_spaced
 from ..style import (AdaINSettings, ShareSettings, StyleAlignedArgs, allowed_adain, allowed_share, attach_shared_norm,
                      style_attention)
 from .handle import UNetHandle
+from .processor import attention_inputs, attention_output, projections
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
 Observer = Callable[[Any, ChunkLayout, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -76,16 +77,6 @@ def shared_layers(unet: UNet2DConditionModel, only_self_level: float) -> list[st
     return [layout.diffusers_path(layer) for layer in layout.layers if layer in selection.layers]
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, tokens, width = x.shape
-    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, tokens, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-
-
 @dataclass
 class StepClock:
     """The UNet call's timestep, written by a forward pre-hook for per-timestep layer selections."""
@@ -125,21 +116,8 @@ class StyleAlignedProcessor:
         if attention_mask is not None:
             # The original feeds a mask sized for N keys to attention over 2N keys; no SD UNet passes one.
             raise ValueError("StyleAligned's shared self-attention does not support an attention_mask")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if attn.norm_q is not None:
-            query = _merge_heads(attn.norm_q(_split_heads(query, attn.heads)))
-        if attn.norm_k is not None:
-            key = _merge_heads(attn.norm_k(_split_heads(key, attn.heads)))
+        hidden, source, shape = attention_inputs(attn, hidden_states, None, temb)
+        query, key, value = projections(attn, hidden, source)
         layout = self.layout(query.shape[0])
         if self.observe is not None:
             self.observe(self.layer, layout, query, key, value)
@@ -148,13 +126,7 @@ class StyleAlignedProcessor:
             allowed = self.selection.features(self.layer, self.clock.timestep if self.clock else 0.0)
             adain, share = allowed_adain(adain, allowed), allowed_share(share, allowed)
         out = style_attention(query, key, value, attn.heads, layout, adain, share)
-        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
-
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, out, hidden_states, shape, query.dtype)
 
 
 @dataclass
