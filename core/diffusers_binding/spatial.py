@@ -201,8 +201,27 @@ def install_spatial_maps(unet_or_pipeline: Any) -> SpatialHandle:
         handle.previous[path] = module.processor
     for path, processor in handle.processors.items():
         unet.get_submodule(path).set_processor(processor)
+    last = max(int(path.split(".")[1]) for path in roles)  # the last up block holding a guided layer
+    tail = DetachTail(recorder)
+    handle.hooks += [block.register_forward_pre_hook(tail.hook, with_kwargs=True) for block in unet.up_blocks[last + 1:]]
     _INSTALLED.add(unet)
     return handle
+
+
+@dataclass
+class DetachTail:
+    """Pre-hook of the up blocks after the last guided one: while a guided call records, they run without autograd."""
+
+    recorder: MapRecorder
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.recorder.rows is None or not torch.is_grad_enabled():
+            return None
+        # The loss reads maps of earlier blocks only: no saved activations, no backward here.
+        detached = {key: value.detach() if isinstance(value, torch.Tensor) else
+                    tuple(item.detach() for item in value) if key == "res_hidden_states_tuple" else value
+                    for key, value in kwargs.items()}
+        return tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args), detached
 
 
 # ---------------------------------------------------------------- guidance
