@@ -1,0 +1,241 @@
+"""Localized control's pure parts: feature masking, box masks, cubic timesteps, Sobel, the loss, the metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multicond.core.adapter import (canny_edges, cubic_timesteps, diffcc, edge_lambda, lf_mse, mask_features,
+                                    predicted_x0, random_box_mask, resize_mask, sobel_magnitude, localized_loss)
+
+SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8)]           # full_adapter features at 512x512
+SDXL = [(320, 128), (640, 128), (1280, 64), (1280, 64)]       # full_adapter_xl features at 1024x1024
+
+
+# ---------------------------------------------------------------- mask_features
+
+@pytest.mark.parametrize("layout,image", [(SD15, (512, 512)), (SDXL, (1024, 1024))])
+def test_each_feature_gets_the_mask_at_its_own_size(layout, image) -> None:
+    features = [torch.randn(2, c, s, s) for c, s in layout]
+    mask = torch.zeros(1, 1, *image)
+    mask[..., : image[0] // 2, :] = 1.0                           # top half
+    out = mask_features(features, mask)
+    for feature, masked in zip(features, out):
+        size = feature.shape[-1]
+        assert masked.shape == feature.shape
+        torch.testing.assert_close(masked[..., : size // 2, :], feature[..., : size // 2, :], rtol=0, atol=0)
+        assert masked[..., size // 2:, :].abs().max() == 0
+
+
+def test_nearest_downsampling_is_the_originals_interpolate() -> None:
+    mask = random_box_mask(512, 512, generator=torch.Generator().manual_seed(3))[None]
+    features = [torch.ones(1, 1, s, s) for _, s in SD15]
+    for scale, masked in zip((8, 16, 32, 64), mask_features(features, mask)):
+        torch.testing.assert_close(masked, F.interpolate(mask, size=512 // scale), rtol=0, atol=0)
+
+
+def test_non_square_latent_and_mask_layouts() -> None:
+    features = [torch.randn(1, 4, 96 // s, 64 // s) for s in (1, 2, 4, 8)]   # a 768x512 image's 1/8.. 1/64
+    mask = torch.zeros(768, 512)
+    mask[:, :256] = 1.0                                                      # left half, (H, W)
+    for layout in (mask, mask[None], mask[None, None]):
+        for feature, masked in zip(features, mask_features(features, layout)):
+            width = feature.shape[-1]
+            assert masked.shape == feature.shape
+            assert torch.equal(masked[..., : width // 2], feature[..., : width // 2])
+            assert masked[..., width // 2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("mode,feather", [("nearest", 0.0), ("bilinear", 0.0), ("area", 3.0), ("bicubic", 7.5)])
+def test_ones_and_zeros_masks_are_exact(mode: str, feather: float) -> None:
+    features = [torch.randn(2, c, s, s, dtype=torch.float16 if s == 8 else torch.float32) for c, s in SD15]
+    for value in (1.0, 0.0):
+        mask = torch.full((1, 1, 512, 512), value)
+        for feature, masked in zip(features, mask_features(features, mask, mode=mode, feather=feather)):
+            assert torch.equal(masked, feature * value)
+
+
+def test_mask_batch_is_repeated_over_cfg_batches_and_per_sample() -> None:
+    features = [torch.ones(4, 2, 8, 8)]
+    mask = torch.stack([torch.ones(64, 64), torch.zeros(64, 64)])           # (2, H, W): sample 0 on, sample 1 off
+    out = mask_features(features, mask)[0]
+    assert out[0].min() == 1 and out[2].min() == 1 and out[1].max() == 0 and out[3].max() == 0
+    with pytest.raises(ValueError):
+        mask_features([torch.ones(3, 2, 8, 8)], mask)
+
+
+def test_feather_softens_the_edge_and_keeps_the_far_inside() -> None:
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    soft = resize_mask(mask, (64, 64), feather=2.0)
+    assert 0.2 < soft[0, 0, 32, 16].item() < 0.8 and soft[0, 0, 32, 32].item() > 0.999
+    assert soft[0, 0, 0, 0].item() < 1e-6
+
+
+# ---------------------------------------------------------------- training draws
+
+def test_box_masks_have_the_minimum_area_and_stay_inside() -> None:
+    generator = torch.Generator().manual_seed(0)
+    areas = []
+    for _ in range(100):
+        mask = random_box_mask(512, 512, 10000, generator)
+        assert mask.shape == (1, 512, 512)
+        box = mask[0].numpy()
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].min() == 1 and box.sum() == height * width  # one box
+        assert box[-1].sum() == 0 and box[:, -1].sum() == 0           # x2, y2 <= W-1, exclusive
+        areas.append(int(height * width))
+    assert min(areas) >= 10000 and len(set(areas)) > 90
+
+
+def test_box_mask_rejects_an_impossible_area() -> None:
+    with pytest.raises(ValueError, match="min_area"):
+        random_box_mask(64, 64, 10000)
+
+
+def test_cubic_timesteps_distribution() -> None:
+    t = cubic_timesteps(200_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    # E[1 - u^3] = 3/4; truncation to integers lowers the mean by about 0.5.
+    assert abs((t.double().mean().item() + 0.5) / 1000 - 0.75) < 3e-3
+    # P(t < 500) = P(u^3 > 1/2) = 1 - 2^(-1/3) = 0.2063
+    assert abs((t < 500).double().mean().item() - (1 - 2 ** (-1 / 3))) < 5e-3
+
+
+# ---------------------------------------------------------------- Sobel and the loss
+
+def test_sobel_on_a_hand_example() -> None:
+    step = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4)            # a vertical edge between columns 1 and 2
+    image = torch.stack([step, step.t()])[None]                 # channel 0: vertical edge, channel 1: horizontal
+    # Interior: gx = (1·1 + 2·1 + 1·1) / 8 = 0.5 at columns 1, 2; replicate padding: 0 at columns 0, 3.
+    edge, flat = math.sqrt(0.25 + 1e-6), math.sqrt(1e-6)
+    expected = torch.tensor([[flat, edge, edge, flat]] * 4)
+    out = sobel_magnitude(image)
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[0, 1], expected.t())
+    corner = torch.zeros(1, 1, 3, 3)
+    corner[..., 1, 1] = 8.0                                     # an impulse: |gx| = |gy| = 2 at its 4-neighbours
+    torch.testing.assert_close(sobel_magnitude(corner)[0, 0, 0, 1], torch.tensor(math.sqrt(4 + 1e-6)))
+    torch.testing.assert_close(sobel_magnitude(corner)[0, 0, 0, 0], torch.tensor(math.sqrt(1 + 1 + 1e-6)))
+
+
+def test_sobel_matches_kornia() -> None:
+    kornia = pytest.importorskip("kornia")
+    x = torch.randn(2, 4, 9, 13, dtype=torch.float64)
+    torch.testing.assert_close(sobel_magnitude(x), kornia.filters.sobel(x), rtol=0, atol=1e-12)
+
+
+def _loss_inputs(seed: int = 0, batch: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    z0, eps = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([999, 600, 120])[:batch]
+    alpha_bar = torch.linspace(0.9991, 0.0047, 1000)[t]
+    a = alpha_bar.view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    mask = torch.zeros(batch, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1.0
+    return z0, eps, z_t, alpha_bar, t, mask, g
+
+
+def test_edge_term_is_zero_when_the_prediction_is_exact() -> None:
+    z0, eps, z_t, alpha_bar, t, mask, _ = _loss_inputs()
+    torch.testing.assert_close(predicted_x0(z_t, eps, alpha_bar), z0, atol=1e-4, rtol=1e-4)
+    total, parts = localized_loss(eps, eps, z_t, z0, alpha_bar, t, mask, weight=1.0)
+    assert total.item() < 1e-6 and parts["simple"].item() == 0
+
+
+@pytest.mark.parametrize("method", ["constant", "step_unit", "time_unit"])
+def test_loss_equals_the_formula(method: str) -> None:
+    z0, eps, z_t, alpha_bar, t, mask, g = _loss_inputs()
+    eps_pred = eps + 0.3 * torch.randn(eps.shape, generator=g)
+    total, parts = localized_loss(eps_pred, eps, z_t, z0, alpha_bar, t, mask, weight=0.5, method=method)
+    expected = []
+    for i in range(3):
+        a = alpha_bar[i].item()
+        x0 = (z_t[i] - math.sqrt(1 - a) * eps_pred[i]) / math.sqrt(a)
+        s_pred, s_true = sobel_magnitude(x0[None])[0], sobel_magnitude(z0[i][None])[0]
+        lam = {"constant": 0.5, "step_unit": 0.5 if 500 <= t[i] <= 999 else 0.0, "time_unit": (1 - a) * 0.5}[method]
+        expected.append(((eps_pred[i] - eps[i]) ** 2).mean() + lam * ((s_pred * mask[i] - s_true * mask[i]) ** 2).mean())
+    torch.testing.assert_close(total, torch.stack(expected).mean())
+    torch.testing.assert_close(parts["simple"] + parts["edge"], total)
+    # A mask at image size is resized (nearest) to the latent: the same loss.
+    big = F.interpolate(mask, size=(64, 64), mode="nearest")
+    torch.testing.assert_close(localized_loss(eps_pred, eps, z_t, z0, alpha_bar, t, big, 0.5, method)[0], total)
+
+
+def test_edge_lambda_methods() -> None:
+    t = torch.tensor([0, 499, 500, 999])
+    alpha_bar = torch.tensor([0.99, 0.5, 0.4, 0.01])
+    torch.testing.assert_close(edge_lambda("constant", t, alpha_bar, 2.0), torch.full((4,), 2.0))
+    torch.testing.assert_close(edge_lambda("step_unit", t, alpha_bar, 2.0), torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    torch.testing.assert_close(edge_lambda("time_unit", t, alpha_bar, 2.0), (1 - alpha_bar) * 2.0)
+    with pytest.raises(ValueError):
+        edge_lambda("linear", t, alpha_bar, 1.0)
+
+
+# ---------------------------------------------------------------- metrics
+
+def _outline(size: int = 64, lo: int = 16, hi: int = 47) -> np.ndarray:
+    edges = np.zeros((size, size), np.uint8)
+    edges[lo, lo:hi + 1] = edges[hi, lo:hi + 1] = edges[lo:hi + 1, lo] = edges[lo:hi + 1, hi] = 255
+    return edges
+
+
+MASK = np.zeros((64, 64), np.uint8)
+MASK[8:56, 8:56] = 255                     # at 1/8: cells 1..6 inside (36), the border ring outside (28)
+
+
+def test_metrics_of_a_perfect_match() -> None:
+    square = _outline()
+    lf = lf_mse(square, square, MASK)
+    assert lf["in"] == 0.0
+    assert lf["out"] == 1.0            # the original's outside target 1.0; no generated edge reaches the ring
+    assert lf_mse(square, square, MASK, outside_target=0.0)["out"] == 0.0
+    assert diffcc(square, square, MASK) == {"coincidence": 1.0, "hallucination_in": 0.0, "hallucination_out": 0.0}
+
+
+def test_metrics_of_a_blank_image() -> None:
+    import cv2
+
+    square, blank = _outline(), np.zeros((64, 64), np.uint8)
+    low = cv2.resize(cv2.GaussianBlur(square, (11, 11), 5), (8, 8)) / 255.0
+    inside = np.zeros((8, 8), bool)
+    inside[1:7, 1:7] = True
+    lf = lf_mse(blank, square, MASK)
+    assert lf["in"] == pytest.approx((low[inside] ** 2).mean()) and lf["in"] > 0
+    assert lf["out"] == 1.0 and lf["total"] == pytest.approx(lf["in"] + 1.0)
+    cc = diffcc(blank, square, MASK)
+    assert cc == {"coincidence": 0.0, "hallucination_in": 0.0, "hallucination_out": 0.0}
+
+
+def test_edges_outside_the_mask_are_hallucinations_out() -> None:
+    square = _outline()
+    extra = square.copy()
+    extra[60, :] = 255                 # a line through the bottom ring of cells (row 7: 8 of the 28 outside cells)
+    cc = diffcc(extra, square, MASK)
+    assert cc["coincidence"] == 1.0 and cc["hallucination_in"] == 0.0
+    assert cc["hallucination_out"] == pytest.approx(8 / 28)
+    assert lf_mse(extra, square, MASK)["in"] == 0.0
+    assert lf_mse(extra, square, MASK, outside_target=0.0)["out"] > 0
+    assert lf_mse(extra, square, MASK)["out"] < 1.0
+
+
+def test_edges_moved_inside_the_mask_lower_coincidence_and_add_hallucination_in() -> None:
+    square, smaller = _outline(), _outline(lo=24, hi=39)
+    cc = diffcc(smaller, square, MASK)
+    assert 0.0 <= cc["coincidence"] < 1.0 and cc["hallucination_in"] > 0.0 and cc["hallucination_out"] == 0.0
+    assert lf_mse(smaller, square, MASK)["in"] > 0
+    assert math.isnan(diffcc(square, np.zeros_like(square), MASK)["coincidence"])   # no condition edges inside
+
+
+def test_canny_of_a_drawn_square_is_its_outline() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 200
+    edges = canny_edges(image)
+    assert edges.dtype == np.uint8 and set(np.unique(edges)) == {0, 255}
+    assert edges[30, 30] == 0 and edges[5, 5] == 0 and edges[16:48, 14:18].any()
