@@ -1,0 +1,184 @@
+"""Command lines of the localized adapter: `train-adapter` and `score-local`.
+
+`add_adapter_parsers(commands)` registers both on the subparsers of `python -m multicond`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..adapter import EDGE_METHODS, METRIC_SIGMA, canny_edges, diffcc, lf_mse
+from ..errors import InputError
+from .adapter_training import IMAGE_SUFFIXES, AdapterTrainSettings, train_adapter
+from .tiny import FAMILIES, TINY_IMAGE_SIZE
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = AdapterTrainSettings(images=Path("."), out=Path("."))
+    parser = commands.add_parser(
+        "train-adapter", help="train a localized (masked-feature) T2I-Adapter on an image folder",
+        description="Train a T2I-Adapter whose features are multiplied by a random box mask, with the paper's loss "
+                    "(noise MSE + lambda * masked Sobel MSE of the predicted clean latent). The condition is the "
+                    "Canny (100, 200) edge map of each image; the UNet is frozen. Writes checkpoints under "
+                    "OUT/checkpoints and OUT/adapter.safetensors (diffusers T2IAdapter keys, loadable by ComfyUI's "
+                    "ControlNet loader). Runs under `accelerate launch` too.")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="folder of training images, each with its caption in a same-name .txt file")
+    parser.add_argument("--out", type=Path, default=Path("outputs/adapter"), help="output folder (default %(default)s)")
+    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer updates (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process (default %(default)s)")
+    parser.add_argument("--grad-accumulation", type=int, default=defaults.grad_accumulation,
+                        help="micro-batches per update (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default %(default)s, the paper's)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up updates (default %(default)s)")
+    parser.add_argument("--edge-weight", type=float, default=defaults.edge_weight,
+                        help="lambda of the masked Sobel term (default %(default)s, the paper's)")
+    parser.add_argument("--edge-method", choices=EDGE_METHODS, default=defaults.edge_method,
+                        help="lambda(t): constant; step_unit (only t in 500..999); time_unit ((1 - alpha_bar_t) * lambda) "
+                             "(default %(default)s)")
+    parser.add_argument("--empty-prompts", dest="empty_prompt_rate", type=float, default=defaults.empty_prompt_rate,
+                        help="share of captions replaced by the empty prompt (default %(default)s)")
+    parser.add_argument("--size", type=int, help=f"training side in pixels (default 512; {TINY_IMAGE_SIZE} for the tiny model)")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="save a resumable checkpoint every N updates (default %(default)s)")
+    parser.add_argument("--resume", nargs="?", const="latest",
+                        help="continue from a checkpoint folder; alone: the newest under OUT/checkpoints")
+    parser.add_argument("--init-adapter", help="start from these adapter weights (an adapter.safetensors or a diffusers folder)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "auto"), default="auto",
+                        help="auto: a GPU when there is one (or what `accelerate launch` assigns); cpu forces the CPU")
+    parser.set_defaults(run=run_train_adapter, parser=parser)
+
+
+def _validate_train(ns: argparse.Namespace) -> None:
+    parser: argparse.ArgumentParser = ns.parser
+    for flag in ("steps", "batch_size", "grad_accumulation", "checkpoint_every"):
+        if getattr(ns, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(ns, flag)}")
+    if ns.lr <= 0 or ns.edge_weight < 0 or ns.warmup < 0:
+        parser.error("--lr must be > 0, --edge-weight and --warmup >= 0 (the paper: --lr 8e-5 --edge-weight 1e-3)")
+    if not 0 <= ns.empty_prompt_rate <= 1:
+        parser.error(f"--empty-prompts must be a fraction in 0..1 (the paper: 0.5), got {ns.empty_prompt_rate}")
+    if ns.size is not None and (ns.size < 8 or ns.size % 8):
+        parser.error(f"--size must be a positive multiple of 8 (64 for full SD adapters), got {ns.size}")
+    if not ns.images.is_dir():
+        parser.error(f"--images {ns.images}: no such folder; give a folder of images with same-name .txt captions")
+    if ns.resume not in (None, "latest") and not Path(ns.resume).is_dir():
+        parser.error(f"--resume {ns.resume}: no such checkpoint folder; give OUT/checkpoints/step-..., or --resume alone")
+
+
+def train_settings(ns: argparse.Namespace) -> AdapterTrainSettings:
+    return AdapterTrainSettings(
+        images=ns.images, out=ns.out, checkpoint=ns.checkpoint, family=ns.family, steps=ns.steps,
+        batch_size=ns.batch_size, grad_accumulation=ns.grad_accumulation, lr=ns.lr, warmup=ns.warmup,
+        edge_weight=ns.edge_weight, edge_method=ns.edge_method, size=ns.size, empty_prompt_rate=ns.empty_prompt_rate,
+        checkpoint_every=ns.checkpoint_every, resume=ns.resume, seed=ns.seed,
+        device="cpu" if ns.device == "cpu" else None, init_adapter=ns.init_adapter)
+
+
+def run_train_adapter(ns: argparse.Namespace) -> int:
+    from .cli import RANDOM_WEIGHTS_NOTICE, _cpu_threads  # here: cli.py imports this module
+
+    _validate_train(ns)
+    if ns.checkpoint is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    try:
+        # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
+        with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
+            result = train_adapter(train_settings(ns))
+    except InputError as error:
+        ns.parser.error(f"{error.input_name}: {error.problem}. {error.fix}")
+    print(f"trained {result.steps - result.start_step} updates (from step {result.start_step}); "
+          f"last loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+    print(result.adapter_path)
+    return 0
+
+
+# ---------------------------------------------------------------- score-local
+
+def _add_score_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "score-local", help="LF-MSE and DiffCC of generated images against their edge conditions inside/outside masks",
+        description="For each generated image, the condition and the mask of the same file name (any image "
+                    "extension): Canny (100, 200) edges of the generated image against the condition's edges, "
+                    "LF-MSE in/out and DiffCC (coincidence, hallucination in/out). Prints the means and writes JSON.")
+    parser.add_argument("--generated", type=Path, required=True, help="folder of generated images")
+    parser.add_argument("--conditions", type=Path, required=True, help="folder of condition images (same names)")
+    parser.add_argument("--masks", type=Path, required=True, help="folder of masks (same names; white = inside)")
+    parser.add_argument("--condition-kind", choices=("edges", "image"), default="edges",
+                        help="edges: the conditions are edge maps (white edges); image: take their Canny edges "
+                             "(default %(default)s)")
+    parser.add_argument("--sigma", type=float, default=METRIC_SIGMA, help="Gaussian low-pass sigma (default %(default)s)")
+    parser.add_argument("--outside-target", type=float, default=1.0,
+                        help="LF-MSE out compares the generated edges outside with this constant: 1.0 as the original "
+                             "code; 0.0 reads it as 'against no edges' (default %(default)s)")
+    parser.add_argument("--out", type=Path, help="JSON file (default: GENERATED/local_scores.json)")
+    parser.set_defaults(run=run_score_local, parser=parser)
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    return {"mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0, "count": int(finite.size)}
+
+
+def score_image(generated: Path, condition: Path, mask: Path, condition_kind: str = "edges", sigma: float = METRIC_SIGMA,
+                outside_target: float = 1.0) -> dict[str, float]:
+    """LF-MSE and DiffCC of one generated image; the condition and mask are resized (nearest) to its size."""
+    image = Image.open(generated).convert("RGB")
+    size = image.size
+    edges = canny_edges(np.asarray(image))
+    cond = Image.open(condition).convert("RGB" if condition_kind == "image" else "L").resize(size, Image.NEAREST)
+    cond_edges = canny_edges(np.asarray(cond)) if condition_kind == "image" else np.asarray(cond)
+    mask_array = np.asarray(Image.open(mask).convert("L").resize(size, Image.NEAREST))
+    lf = lf_mse(edges, cond_edges, mask_array, sigma=sigma, outside_target=outside_target)
+    cc = diffcc(edges, cond_edges, mask_array, sigma=sigma)
+    return {"lf_mse_in": lf["in"], "lf_mse_out": lf["out"], "lf_mse_total": lf["total"], **cc}
+
+
+def run_score_local(ns: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = ns.parser
+    for flag in ("generated", "conditions", "masks"):
+        if not getattr(ns, flag).is_dir():
+            parser.error(f"--{flag} {getattr(ns, flag)}: no such folder")
+    generated, conditions, masks = (_images_by_stem(getattr(ns, f)) for f in ("generated", "conditions", "masks"))
+    names = [name for name in generated if name in conditions and name in masks]
+    if not names:
+        parser.error(f"no file name is in all of --generated ({len(generated)} images), --conditions "
+                     f"({len(conditions)}) and --masks ({len(masks)}); name each condition and mask as its "
+                     "generated image (e.g. 0001.png in all three)")
+    records = []
+    for name in names:
+        records.append({"file": generated[name].name,
+                        **score_image(generated[name], conditions[name], masks[name], ns.condition_kind, ns.sigma,
+                                      ns.outside_target)})
+    keys = [k for k in records[0] if k != "file"]
+    summary = {key: _summary([r[key] for r in records]) for key in keys}
+    report = {"images": len(records), "unmatched": sorted(set(generated) - set(names)), "sigma": ns.sigma,
+              "outside_target": ns.outside_target, "condition_kind": ns.condition_kind, "summary": summary,
+              "per_image": records}
+    out = ns.out or ns.generated / "local_scores.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for key, stats in summary.items():
+        print(f"{key:18s} {stats['mean']:.4f} ± {stats['std']:.4f}  (n={stats['count']})")
+    print(out)
+    return 0
+
+
+def add_adapter_parsers(commands: argparse._SubParsersAction) -> None:
+    """Register `train-adapter` and `score-local` on `python -m multicond`'s subparsers."""
+    _add_train_parser(commands)
+    _add_score_parser(commands)
