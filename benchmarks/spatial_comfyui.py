@@ -31,22 +31,12 @@ STEPS = 4
 PROMPT = "a photo of a cat to the left of a dog"
 
 
-SD15_SHAPED = {**tiny.SD15_CONFIG, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
-
-
 def sd15_shaped(clip_source: str = "sd15"):
     """An SD1.5-shaped tiny UNet and the test pack's tiny SD1.5 CLIP, loaded inside inference_mode."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
     with torch.inference_mode():
-        config = tiny.TinySD15(dict(SD15_SHAPED))
-        config.set_inference_dtype(torch.float32, None)
-        unet = config.get_model({}, device=torch.device("cpu"))
-        tiny.randomize(unet.diffusion_model, 0)
+        model = tiny.build("sd15_shaped")
         _, clip, _ = TinyCheckpoint().load(clip_source, 0)
-        return comfy.model_patcher.ModelPatcher(unet, mm.get_torch_device(), mm.unet_offload_device()), clip
+        return model, clip
 
 
 def main() -> None:

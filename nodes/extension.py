@@ -6,6 +6,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adapter import MaskedAdapter
 from .balance import LayerBalance
 from .blend import CrossAttnBlend, EpsilonBlend
 from .prompts import BatchPrompts
@@ -18,4 +19,4 @@ class MultiCondExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance, EpsilonBlend, CrossAttnBlend,
-                SpatialGuidance]
+                SpatialGuidance, MaskedAdapter]

@@ -36,9 +36,26 @@ SDXL_CONFIG = {
 }
 
 
+# The real block structure at 32 channels: SD1.5's four levels with two res blocks (attention on the first three),
+# SDXL's three levels with two res blocks (attention depth 1 and 2): what T2I-Adapters and the guided layers expect.
+SD15_SHAPED_CONFIG = {**SD15_CONFIG, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+                      "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                      "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}  # finest output block first
+SDXL_SHAPED_CONFIG = {**SDXL_CONFIG, "channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+                      "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]}
+CONFIGS = {"sd15": (TinySD15, SD15_CONFIG), "sdxl": (TinySDXL, SDXL_CONFIG),
+           "sd15_shaped": (TinySD15, SD15_SHAPED_CONFIG), "sdxl_shaped": (TinySDXL, SDXL_SHAPED_CONFIG)}
+
+
+def family(kind: str) -> str:
+    """The text-encoder family of a kind ("sd15_shaped" -> "sd15")."""
+    return kind.removesuffix("_shaped")
+
+
 def build(kind: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a tiny random model of the real ComfyUI class."""
-    config = TinySD15(dict(SD15_CONFIG)) if kind == "sd15" else TinySDXL(dict(SDXL_CONFIG))
+    config_class, unet_config = CONFIGS[kind]
+    config = config_class(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     randomize(model.diffusion_model, seed)
@@ -55,7 +72,7 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 def conditioning(kind: str, seed: int, tokens: int = 77) -> list:
     generator = torch.Generator().manual_seed(seed)
-    if kind == "sd15":
+    if family(kind) == "sd15":
         return [[torch.randn(1, tokens, 64, generator=generator), {}]]
     extra = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 256, "height": 256,
              "crop_w": 0, "crop_h": 0, "target_width": 256, "target_height": 256}
@@ -97,11 +114,23 @@ def build_controlnet(kind: str = "sd15", seed: int = 0, context_dim: int | None 
     import comfy.controlnet
     import comfy.ops
 
-    base = SD15_CONFIG if kind == "sd15" else SDXL_CONFIG
+    base = CONFIGS[kind][1]
     config = {k: v for k, v in base.items() if k not in ("out_channels", "transformer_depth_output")}
     if context_dim is not None:
         config["context_dim"] = context_dim
-    heads = {"num_heads": 2} if kind == "sd15" else {"num_head_channels": 16}
+    heads = {"num_heads": 2} if family(kind) == "sd15" else {"num_head_channels": 16}
     model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **heads, **config)
     randomize(model, seed)
     return comfy.controlnet.ControlNet(model, load_device=mm.get_torch_device())
+
+
+def build_t2i_adapter(kind: str = "sd15_shaped", seed: int = 0):
+    """A tiny random comfy T2IAdapter (the full adapter at 32 channels) for the SD1.5- or SDXL-shaped tiny UNet."""
+    import comfy.controlnet
+    import comfy.t2i_adapter.adapter
+
+    xl = family(kind) == "sdxl"
+    model = comfy.t2i_adapter.adapter.Adapter(cin=3 * (16 if xl else 8) ** 2, channels=[32, 64, 128, 128], nums_rb=2,
+                                              ksize=1, sk=True, use_conv=False, xl=xl)
+    randomize(model, seed)
+    return comfy.controlnet.T2IAdapter(model, model.input_channels, 8, "nearest-exact")

@@ -1,0 +1,159 @@
+"""MaskedAdapter: a T2I-Adapter or ControlNet that acts only inside a mask (Domingo-Gregorio et al.).
+
+The control last applied to a conditioning (by ComfyUI's Apply ControlNet nodes) is copied into a
+subclass whose `control_merge` multiplies each of its own residuals by the mask resized to that
+residual's height and width (`core.adapter.mask_features`) before they are merged with the
+controls applied earlier, which keep working unmasked (mask them with another MaskedAdapter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.controlnet
+import torch
+from comfy_api.latest import io
+
+from ..core.adapter import mask_features
+from ..core.blend import check_mask
+from ..core.errors import InputError
+from .common import CATEGORY
+
+MASKED_ADAPTER = "MultiCond_MaskedAdapter"
+RESIZE_MODES = ("nearest", "bilinear", "area")
+
+
+class MaskedControl:
+    """Mixin for a comfy ControlBase: its own residuals are masked before the merge with the previous controls."""
+
+    effect_mask: torch.Tensor
+    resize: str = "nearest"
+    feather: float = 0.0
+    level_strengths: tuple[float, ...] = ()
+
+    rows: int = 1  # rows of the model call in flight (a T2I-Adapter's features have one row per hint image)
+
+    def get_control(self, x_noisy: torch.Tensor, t: Any, cond: Any, batched_number: int, transformer_options: dict) -> Any:
+        self.rows, masks = x_noisy.shape[0], self.effect_mask.shape[0] if self.effect_mask.ndim == 3 else 1
+        images = self.rows // max(batched_number, 1)
+        if masks not in (1, images):
+            raise InputError(MASKED_ADAPTER, "mask", f"{masks} masks for a latent batch of {images} images",
+                             "Give one mask, or one per latent image.")
+        return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
+
+    def control_merge(self, control: dict, control_prev: dict | None, output_dtype: Any) -> dict:
+        # Resolution levels, finest first, from the widths this call's residuals come at.
+        widths = sorted({x.shape[-1] for residuals in control.values() for x in residuals if x is not None}, reverse=True)
+        per_image = self.effect_mask.ndim == 3 and self.effect_mask.shape[0] > 1
+        masked = {}
+        for key, residuals in control.items():
+            # Several masks need a row per image: broadcast features (one hint for all rows) are expanded first.
+            present = [x.expand(self.rows, *x.shape[1:]) if per_image and x.shape[0] == 1 else x
+                       for x in residuals if x is not None]
+            try:
+                scaled = iter(mask_features(present, self.effect_mask, self.resize, self.feather))
+            except ValueError as error:
+                raise InputError(MASKED_ADAPTER, "mask", str(error), "Give one mask, or one per latent image.") from error
+            masked[key] = [None if x is None else self._level_scaled(next(scaled), widths) for x in residuals]
+        return super().control_merge(masked, control_prev, output_dtype)
+
+    def _level_scaled(self, residual: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        if not self.level_strengths:
+            return residual
+        level = widths.index(residual.shape[-1])
+        return residual * self.level_strengths[min(level, len(self.level_strengths) - 1)]
+
+    def copy(self) -> Any:
+        return masked_copy(super().copy(), self.effect_mask, self.resize, self.feather, self.level_strengths)
+
+
+def masked_copy(control: Any, mask: torch.Tensor, resize: str, feather: float, level_strengths: tuple[float, ...]) -> Any:
+    """`control` re-classed so its residuals are masked (the object is a fresh copy: nothing shared is changed)."""
+    base = type(control)
+    if not isinstance(control, MaskedControl):
+        control.__class__ = type(f"Masked{base.__name__}", (MaskedControl, base), {})
+    control.effect_mask, control.resize, control.feather, control.level_strengths = mask, resize, feather, level_strengths
+    return control
+
+
+def _control_of(entry: list) -> Any:
+    return entry[1].get("control")
+
+
+def parse_strengths(text: str) -> tuple[float, ...]:
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
+    except ValueError as error:
+        raise InputError(MASKED_ADAPTER, "level_strengths", f"{text!r} is not a list of numbers",
+                         "Write one strength per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'.") from error
+    if not values or any(v < 0 for v in values):
+        raise InputError(MASKED_ADAPTER, "level_strengths", f"{text!r} needs non-negative numbers",
+                         "Write one strength per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'.")
+    return values
+
+
+class MaskedAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=MASKED_ADAPTER,
+            display_name="Masked Adapter (localized control)",
+            category=f"{CATEGORY}/control",
+            description="Localized control (Domingo-Gregorio et al.): the T2I-Adapter or ControlNet last applied to these "
+                        "conditionings acts only inside the mask; every residual is multiplied by the mask resized to "
+                        "its own size (nearest, as the paper). The mask is an EFFECT mask (1 = the control acts), not an "
+                        "inpainting mask: the whole image is still generated. Controls applied earlier are left as "
+                        "they are. Controls from Advanced-ControlNet are not supported: use its own mask input.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The positive from Apply ControlNet (it carries the control)."),
+                io.Conditioning.Input("negative", tooltip="The negative from the same Apply ControlNet."),
+                io.Mask.Input("mask", tooltip="Where the control acts (1) and where it does not (0): an effect mask, "
+                                              "not an inpainting mask. One mask or one per latent image."),
+                io.Combo.Input("resize", options=list(RESIZE_MODES), default="nearest",
+                               tooltip="How the mask is resized to each residual (paper: nearest)."),
+                io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=0.5,
+                               tooltip="Gaussian blur of the mask in mask pixels before resizing (0 = a hard edge, as the paper)."),
+                io.String.Input("level_strengths", default="",
+                                tooltip="Optional strengths per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'; "
+                                        "empty = 1 everywhere."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="The positive with its control masked."),
+                io.Conditioning.Output(display_name="negative", tooltip="The negative with its control masked."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive: list, negative: list, mask: torch.Tensor, resize: str, feather: float,
+                level_strengths: str) -> io.NodeOutput:
+        problem = check_mask(mask)
+        if problem is not None:
+            raise InputError(MASKED_ADAPTER, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width).")
+        strengths = parse_strengths(level_strengths)
+        controls = [_control_of(entry) for entry in positive + negative if _control_of(entry) is not None]
+        if not controls:
+            raise InputError(MASKED_ADAPTER, "positive", "the conditioning carries no ControlNet or T2I-Adapter",
+                             "Connect the outputs of Apply ControlNet (with a ControlNet or T2I-Adapter model).")
+        for control in controls:
+            if not isinstance(control, comfy.controlnet.ControlBase) or hasattr(control, "mask_cond_hint_original"):
+                raise InputError(MASKED_ADAPTER, "positive", f"the control is a {type(control).__name__}, not one of "
+                                 "ComfyUI's own", "Apply the model with ComfyUI's Apply ControlNet node, or use "
+                                 "Advanced-ControlNet's mask input.")
+        effect = mask.detach().float().cpu()
+        copies: dict[int, Any] = {}  # one copy per control object: positive and negative keep sharing it (one batch)
+
+        def masked(conditioning: list) -> list:
+            out = []
+            for tensor, options in conditioning:
+                control = options.get("control")
+                if control is not None:
+                    if id(control) not in copies:
+                        copy = masked_copy(control.copy(), effect, resize, feather, strengths)
+                        copies[id(control)] = copy.set_previous_controlnet(control.previous_controlnet)  # copy() drops it
+                    options = {**options, "control": copies[id(control)]}
+                out.append([tensor, options])
+            return out
+
+        return io.NodeOutput(masked(positive), masked(negative))
