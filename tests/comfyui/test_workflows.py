@@ -35,7 +35,8 @@ if COMFYUI is None:
 HOST = "127.0.0.1"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts",
-                   "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend", "MultiCond_SpatialGuidance")
+                   "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend", "MultiCond_SpatialGuidance",
+                   "MultiCond_MaskedAdapter")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 REFERENCE_IMAGE = "multicond_test_reference.png"
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
@@ -177,12 +178,17 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
     graph = json.loads(json.dumps(graph))
     checkpoints = [node["inputs"]["ckpt_name"] for node in graph.values() if node["class_type"] == "CheckpointLoaderSimple"]
     family = "sdxl" if any("xl" in name.lower() for name in checkpoints) else "sd15"
+    adapters = [node for node in graph.values() if node["class_type"] == "ControlNetLoader"
+                and "t2i" in node["inputs"]["control_net_name"].lower()]
+    if adapters:
+        family += "_shaped"  # a T2I-Adapter needs the real block structure
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = TINY_LOADER, {"family": family, "seed": 0}
         elif kind == "ControlNetLoader":
-            node["class_type"], node["inputs"] = "MultiCondTest_TinyControlNet", {"family": family, "seed": 0}
+            loader = "MultiCondTest_TinyT2IAdapter" if node in adapters else "MultiCondTest_TinyControlNet"
+            node["class_type"], node["inputs"] = loader, {"family": family, "seed": 0}
         elif kind in ("EmptyLatentImage", "ImageScale"):
             inputs.update(width=SIZE, height=SIZE)
         elif kind == "KSampler":

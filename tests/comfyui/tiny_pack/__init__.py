@@ -26,8 +26,9 @@ import comfy.sd
 
 TINY_NODE = "MultiCondTest_TinyCheckpoint"
 TINY_CONTROLNET = "MultiCondTest_TinyControlNet"
+TINY_T2I = "MultiCondTest_TinyT2IAdapter"
 TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "sd15_shaped", "sdxl_shaped")  # _shaped: the real block structure (T2I-Adapters fit)
 
 # Text encoders: real vocabulary (the tokenizers emit ids up to 49407), a few tiny layers.
 # SDXL reads layer -2 of both encoders, so each needs at least 3 layers.
@@ -52,10 +53,11 @@ def _load_tiny_module() -> ModuleType:
 
 def model_config(family: str) -> Any:
     tiny = _load_tiny_module()
-    if family == "sd15":
-        config = tiny.TinySD15(dict(tiny.SD15_CONFIG))
+    config_class, unet_config = tiny.CONFIGS[family]
+    if tiny.family(family) == "sd15":
+        config = config_class(dict(unet_config))
     else:
-        config = tiny.TinySDXL(dict(tiny.SDXL_CONFIG, context_dim=SDXL_CONTEXT))
+        config = config_class(dict(unet_config, context_dim=SDXL_CONTEXT))
     config.set_inference_dtype(torch.float32, None)
     return config
 
@@ -105,7 +107,7 @@ class TinyCheckpoint(TinyLoader):
 
     def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
         config = model_config(family)
-        return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
+        return build_model(config, seed), build_clip(config, _load_tiny_module().family(family), seed), build_vae(seed)
 
 
 class TinyControlNet(TinyLoader):
@@ -116,9 +118,22 @@ class TinyControlNet(TinyLoader):
     DESCRIPTION = "Test only: a tiny random ControlNet (MultiCond workflow test)."
 
     def load(self, family: str, seed: int) -> tuple[Any]:
-        context = SDXL_CONTEXT if family == "sdxl" else None
-        return (_load_tiny_module().build_controlnet(family, seed + 3, context_dim=context),)
+        tiny = _load_tiny_module()
+        context = SDXL_CONTEXT if tiny.family(family) == "sdxl" else None
+        return (tiny.build_controlnet(family, seed + 3, context_dim=context),)
 
 
-NODE_CLASS_MAPPINGS = {TINY_NODE: TinyCheckpoint, TINY_CONTROLNET: TinyControlNet}
-NODE_DISPLAY_NAME_MAPPINGS = {TINY_NODE: "Tiny Checkpoint (MultiCond test)", TINY_CONTROLNET: "Tiny ControlNet (MultiCond test)"}
+class TinyT2IAdapter(TinyLoader):
+    """Stands in for ControlNetLoader with a T2I-Adapter file: a tiny adapter for the _shaped tiny models."""
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    DESCRIPTION = "Test only: a tiny random T2I-Adapter (MultiCond workflow test)."
+
+    def load(self, family: str, seed: int) -> tuple[Any]:
+        return (_load_tiny_module().build_t2i_adapter(family, seed + 4),)
+
+
+NODE_CLASS_MAPPINGS = {TINY_NODE: TinyCheckpoint, TINY_CONTROLNET: TinyControlNet, TINY_T2I: TinyT2IAdapter}
+NODE_DISPLAY_NAME_MAPPINGS = {TINY_NODE: "Tiny Checkpoint (MultiCond test)", TINY_CONTROLNET: "Tiny ControlNet (MultiCond test)",
+                              TINY_T2I: "Tiny T2I-Adapter (MultiCond test)"}
