@@ -3,8 +3,9 @@
 Commands: `style-aligned` (a batch of images sharing the first one's style, optionally from a
 real reference image through DDIM inversion), `dual-style` (two prompts in one image, blended by a
 spatial profile or a mask), `spatial` (InfSplign: objects where the prompt's relation puts them,
-e.g. "a cat to the left of a dog") and `analyze` (a Conditional Balance grading from a StyleAligned
-image series; shards across processes under `accelerate launch`). Without `--checkpoint` a tiny random
+e.g. "a cat to the left of a dog"), `analyze` (a Conditional Balance grading from a StyleAligned
+image series; shards across processes under `accelerate launch`), `train-adapter` (a localized,
+masked-feature T2I-Adapter) and `score-local` (LF-MSE and DiffCC). Without `--checkpoint` a tiny random
 model is used: it shows the pipeline runs end to end, its images are noise.
 """
 
@@ -29,6 +30,7 @@ from ..blend import CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, SH
 from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
 from ..spatial import PHI, RELATION_PHRASES, RELATIONS, SpatialSettings, parse_relation
 from ..style import StyleAlignedArgs
+from .cli_adapter import add_adapter_parsers
 from .analysis import (Series, analyze_jobs, grade_series, grading_heatmap, load_series, load_stats, merge_shards,
                        save_stats)
 from .dual_style import Weights, generate_dual_style
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dual_style_parser(commands)
     _add_spatial_parser(commands)
     _add_analyze_parser(commands)
+    add_adapter_parsers(commands)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""An adapter trained by `multicond`'s diffusers trainer loads in ComfyUI's ControlNet loader and MaskedAdapter applies it.
+
+The training runs in a subprocess with the project's own environment (`.venv`, made by
+scripts/env.sh), as a user would train before loading the file in ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .comfy_host import ROOT, find_comfyui
+
+if find_comfyui() is None:
+    pytest.skip("no ComfyUI found (see tests/comfyui/conftest.py)", allow_module_level=True)
+
+import comfy.controlnet  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+import torch  # noqa: E402
+
+from multicond.nodes.adapter import MaskedAdapter  # noqa: E402
+
+from . import tiny  # noqa: E402
+
+PROJECT_PYTHON = Path(os.environ.get("MULTICOND_PYTHON", ROOT / ".venv" / "bin" / "python"))
+
+# A four-level diffusers UNet with the ComfyUI test model's widths (32, 64, 128, 128): ComfyUI's T2I-Adapter loader
+# expects four feature levels, and the adapter must fit the tiny SD1.5-shaped model it is applied to here.
+TRAIN = """
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from diffusers import UNet2DConditionModel
+from multicond.core.diffusers_binding.adapter_training import AdapterTrainSettings, train_adapter
+from multicond.core.diffusers_binding.tiny import TEXT_WIDTH, tiny_pipeline
+
+images, out = Path(sys.argv[1]), Path(sys.argv[2])
+images.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+for index in range(8):
+    picture = np.zeros((64, 64, 3), np.uint8)
+    top, left = rng.integers(4, 30, size=2)
+    picture[top:top + 24, left:left + 24] = 255
+    Image.fromarray(picture).save(images / f"{index}.png")
+    (images / f"{index}.txt").write_text("a white square")
+pipe = tiny_pipeline("sd1")
+pipe.unet = UNet2DConditionModel(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
+    norm_num_groups=8, attention_head_dim=8, cross_attention_dim=TEXT_WIDTH,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+result = train_adapter(AdapterTrainSettings(images=images, out=out, steps=2, batch_size=2, grad_accumulation=1,
+                                            warmup=1, checkpoint_every=100, size=64, device="cpu"), pipe=pipe)
+print(result.adapter_path)
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not PROJECT_PYTHON.is_file():
+        pytest.skip(f"the project's environment ({PROJECT_PYTHON}) is missing: run `bash scripts/env.sh` (or set MULTICOND_PYTHON)")
+    folder = tmp_path_factory.mktemp("adapter")
+    done = subprocess.run([str(PROJECT_PYTHON), "-c", TRAIN, str(folder / "images"), str(folder / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.is_file()
+    return path
+
+
+def test_the_trained_adapter_loads_as_a_t2i_adapter_and_masked_adapter_applies_it(trained_adapter: Path):
+    import safetensors.torch
+
+    with torch.inference_mode():
+        control = comfy.controlnet.load_controlnet(str(trained_adapter))
+    assert isinstance(control, comfy.controlnet.T2IAdapter)
+    saved = safetensors.torch.load_file(str(trained_adapter))
+    assert torch.equal(control.t2i_model.conv_in.weight.float(), saved["adapter.conv_in.weight"].float())
+
+    model = tiny.build("sd15_shaped")
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    base = tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2)
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(*base, control, hint, 1.0, 0.0, 1.0)
+    run = lambda p, n: tiny.sample(model, "sd15_shaped", positive=p, negative=n, latent=torch.zeros(1, 4, 16, 16))  # noqa: E731
+    controlled, plain = run(positive, negative), run(*base)
+    assert (controlled - plain).abs().max() > 1e-4, "the trained adapter's features reach the UNet"
+    assert torch.equal(run(*MaskedAdapter.execute(positive, negative, torch.ones(128, 128), "nearest", 0.0, "").args), controlled)
+    assert torch.equal(run(*MaskedAdapter.execute(positive, negative, torch.zeros(128, 128), "nearest", 0.0, "").args), plain)
