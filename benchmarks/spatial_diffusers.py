@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/spatial_diffusers.py
 
-Tiny SD1.5-shaped and SDXL-shaped pipelines (core.diffusers_binding.tiny), one image with CFG,
+Tiny SD1.5-shaped (four levels, as SD1.5), three-level SD1.5 (its full-resolution decoder
+guided) and SDXL-shaped pipelines (core.diffusers_binding.tiny), one image with CFG,
 one thread; calls alternate between the variants so drift hits all alike. A plain step is one
 2-row [uncond, cond] UNet call. A guided step (`SpatialGuidance.guided`) runs the uncond row
 without gradients and the cond row with them, then the backward to the latent: about 2x a plain
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 import tests.conftest  # noqa: E402,F401 - registers the pack as `multicond`
 from benchmarks.measure import alternate, peak_mib  # noqa: E402
 from multicond.core.diffusers_binding import SpatialGuidance, install_spatial_maps, tiny_pipeline  # noqa: E402
+from multicond.core.diffusers_binding.tiny import tiny_sd1_four_level_unet  # noqa: E402
 from multicond.core.diffusers_binding.cli import SPATIAL_PROMPT  # noqa: E402
 from multicond.core.diffusers_binding.spatial import frozen_weights  # noqa: E402
 from multicond.core.spatial import SpatialSettings, guidance_loss, parse_relation  # noqa: E402
@@ -32,8 +34,10 @@ def main() -> None:
     print("diffusers, 1 image with CFG, 1 thread; time and peak tensor memory over a plain CFG step (2-row UNet call)")
     words = parse_relation(SPATIAL_PROMPT)
     settings = SpatialSettings(relation=words.relation)
-    for family, label in (("sd1", "SD1.5-shaped"), ("sdxl", "SDXL-shaped")):
+    for family, label in (("sd1", "SD1.5-shaped (four levels)"), ("sd1", "three-level SD1.5"), ("sdxl", "SDXL-shaped")):
         pipe = tiny_pipeline(family)
+        if label.startswith("SD1.5-shaped"):  # the guided decoder layers at 1/4 and 1/2 of the latent, as SD1.5
+            pipe.unet = tiny_sd1_four_level_unet()
         pipe.scheduler.set_timesteps(50)
         t = pipe.scheduler.timesteps[10]
         handle = install_spatial_maps(pipe)

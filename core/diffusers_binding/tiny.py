@@ -80,6 +80,16 @@ def tiny_sd1_unet() -> UNet2DConditionModel:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
+def tiny_sd1_four_level_unet() -> UNet2DConditionModel:
+    """SD1.5's full block structure (four levels, cross-attention on the first three) at widths 32-128:
+    its guided decoder layers sit at 1/4 and 1/2 of the latent, and a four-level T2I-Adapter fits it."""
+    return UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 128, 128), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=TEXT_WIDTH,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
 def tiny_sdxl_unet() -> UNet2DConditionModel:
     """SDXL's pattern (no attention at the first level, deeper transformers below, text_time
     conditioning, linear projections), narrow and shallow."""

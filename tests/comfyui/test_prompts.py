@@ -19,14 +19,14 @@ from multicond.nodes.extension import MultiCondExtension  # noqa: E402
 from multicond.nodes.prompts import BatchPrompts  # noqa: E402
 
 from . import tiny  # noqa: E402
-from .tiny_pack import FAMILIES, build_clip, build_model, model_config  # noqa: E402
+from .tiny_pack import BASE_FAMILIES, build_clip, build_model, model_config  # noqa: E402
 
 PROMPTS = ["a toy train", "a toy airplane", "a toy bicycle"]
 STYLE = "in minimal origami style"
 LONG = "a toy boat " + "with many small colourful flags " * 15  # > 75 tokens: two chunks, 154 tokens
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=BASE_FAMILIES)
 def family(request) -> str:
     return request.param
 

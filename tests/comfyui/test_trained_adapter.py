@@ -35,9 +35,8 @@ import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from diffusers import UNet2DConditionModel
 from multicond.core.diffusers_binding.adapter_training import AdapterTrainSettings, train_adapter
-from multicond.core.diffusers_binding.tiny import TEXT_WIDTH, tiny_pipeline
+from multicond.core.diffusers_binding.tiny import tiny_pipeline, tiny_sd1_four_level_unet
 
 images, out = Path(sys.argv[1]), Path(sys.argv[2])
 images.mkdir(parents=True, exist_ok=True)
@@ -49,11 +48,7 @@ for index in range(8):
     Image.fromarray(picture).save(images / f"{index}.png")
     (images / f"{index}.txt").write_text("a white square")
 pipe = tiny_pipeline("sd1")
-pipe.unet = UNet2DConditionModel(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
-    norm_num_groups=8, attention_head_dim=8, cross_attention_dim=TEXT_WIDTH,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+pipe.unet = tiny_sd1_four_level_unet()
 result = train_adapter(AdapterTrainSettings(images=images, out=out, steps=2, batch_size=2, grad_accumulation=1,
                                             warmup=1, checkpoint_every=100, size=64, device="cpu"), pipe=pipe)
 print(result.adapter_path)

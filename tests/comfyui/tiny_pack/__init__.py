@@ -28,7 +28,8 @@ TINY_NODE = "MultiCondTest_TinyCheckpoint"
 TINY_CONTROLNET = "MultiCondTest_TinyControlNet"
 TINY_T2I = "MultiCondTest_TinyT2IAdapter"
 TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
-FAMILIES = ("sd15", "sdxl", "sd15_shaped", "sdxl_shaped")  # _shaped: the real block structure (T2I-Adapters fit)
+BASE_FAMILIES = ("sd15", "sdxl")
+FAMILIES = (*BASE_FAMILIES, "sd15_shaped", "sdxl_shaped")  # _shaped: the real block structure (T2I-Adapters fit)
 
 # Text encoders: real vocabulary (the tokenizers emit ids up to 49407), a few tiny layers.
 # SDXL reads layer -2 of both encoders, so each needs at least 3 layers.
@@ -70,6 +71,7 @@ def build_model(config: Any, seed: int) -> comfy.model_patcher.ModelPatcher:
 
 def build_clip(config: Any, family: str, seed: int) -> comfy.sd.CLIP:
     """comfy's own CLIP wrapper and text encoder classes for the family, with tiny configs."""
+    family = _load_tiny_module().family(family)
     sizes = {"clip_l_model_config": CLIP_L_SD15} if family == "sd15" else \
         {"clip_l_model_config": CLIP_L_SDXL, "clip_g_model_config": CLIP_G_SDXL}
     clip = comfy.sd.CLIP(config.clip_target(), model_options={**sizes, "dtype": torch.float32})
@@ -107,7 +109,7 @@ class TinyCheckpoint(TinyLoader):
 
     def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
         config = model_config(family)
-        return build_model(config, seed), build_clip(config, _load_tiny_module().family(family), seed), build_vae(seed)
+        return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
 
 
 class TinyControlNet(TinyLoader):
