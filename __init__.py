@@ -5,6 +5,7 @@ time, so the same package also serves as a Python library on diffusers (`multico
 """
 
 __version__ = "0.1.0"
+WEB_DIRECTORY = "./web"  # help pages of the nodes (web/docs/<node id>.md)
 
 
 async def comfy_entrypoint():  # noqa: ANN201 - the return type lives in comfy_api

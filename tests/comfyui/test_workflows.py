@@ -243,6 +243,12 @@ def test_server_lists_the_workflows_as_templates(server: Server) -> None:
     assert served == load_workflow(WORKFLOWS[0])
 
 
+def test_the_masked_adapter_help_page_is_served(server: Server) -> None:
+    with _OPENER.open(f"{server.url}/extensions/multicond/docs/MultiCond_MaskedAdapter.md", timeout=HTTP_TIMEOUT_S) as response:
+        page = response.read().decode()
+    assert "effect mask" in page and "not an inpainting mask" in page
+
+
 def test_multicond_nodes_are_listed_with_tooltips(object_info: dict) -> None:
     for node in MULTICOND_NODES:
         assert node in object_info, f"{node} missing from /object_info"
