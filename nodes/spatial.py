@@ -64,7 +64,8 @@ class Guidance:
     step: StepGradient = field(default_factory=StepGradient, compare=False)
 
     def active(self, sigma: float) -> bool:
-        return self.sigma_low <= sigma <= self.sigma_high
+        # A zero weight moves nothing: no autograd pass is run for it.
+        return self.settings.weight != 0 and self.sigma_low <= sigma <= self.sigma_high
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,8 @@ def test_start_and_end_limit_the_guided_steps(monkeypatch):
     calls.clear()
     off, _ = guided(model, clip, start_percent=1.0, end_percent=1.0)
     assert torch.equal(run(off, "sd15", positive, negative), run(model, "sd15", positive, negative))
+    zero, _ = guided(model, clip, weight=0.0)
+    assert torch.equal(run(zero, "sd15", positive, negative), run(model, "sd15", positive, negative))
     assert not calls
 
 
