@@ -83,8 +83,13 @@ class MapRecorder:
         _, _, height, width = extra_options["activations_shape"]
         out, probs = attention_with_maps(q, k, v, extra_options["n_heads"])
         record.append(LayerMaps(probs, height, width, self.role))
-        # Another pack's patch keeps its output (its own extra attention); the maps are the text attention's.
-        return out if self.inner is None else self.inner(q, k, v, extra_options)
+        if self.inner is None:
+            return out
+        # Another pack's patch (IPAdapter) keeps its output value; it may hold inference tensors autograd cannot
+        # save, so it runs without autograd and the gradient flows through the text attention alone.
+        with torch.no_grad():
+            foreign = self.inner(q, k, v, extra_options)
+        return out + (foreign - out).detach()
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

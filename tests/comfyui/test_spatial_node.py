@@ -178,3 +178,26 @@ def test_errors_name_the_input():
     model.model.model_config = comfy.supported_models.Stable_Cascade_C.__new__(comfy.supported_models.Stable_Cascade_C)
     with pytest.raises(InputError, match="input 'model'.*not supported"):
         guided(model, clip)
+
+
+def test_a_foreign_attn2_patch_with_inference_tensors_keeps_its_output():
+    """As IPAdapter: a replace on a guided layer that attends to extra keys made inside inference_mode."""
+    from multicond.nodes.common import plain_attention
+
+    model, clip = load("sd15")
+    negative = negative_of(clip)
+    with torch.inference_mode():
+        extra = torch.randn(1, 4, 64)  # image tokens' keys/values, an inference tensor
+
+    def foreign(q, k, v, extra_options):
+        image = extra.to(q).expand(q.shape[0], -1, -1)
+        return plain_attention(q, k, v, extra_options) + 0.5 * plain_attention(q, image, image, extra_options)
+
+    base = model.clone()
+    base.set_model_attn2_replace(foreign, "output", 2, 0)
+    patched, positive = guided(base, clip, weight=100000.0)
+    steered = run(patched, "sd15", positive, negative)
+    unguided = run(base, "sd15", positive, negative)
+    assert torch.isfinite(steered).all() and (steered - unguided).abs().max() > 1e-2
+    off, _ = guided(base, clip, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(run(off, "sd15", positive, negative), unguided)
