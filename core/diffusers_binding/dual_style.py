@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, Transformer2DModel, UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -31,11 +31,11 @@ from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weig
 from ..layers import LayerId, LayerSelection
 from .handle import UNetHandle
 from .pipeline import default_size, initial_latents
-from .processor import attention_inputs, attention_output, projections
+from .processor import (Size, TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers,
+                        projections)
 from .style_aligned import StepClock, unet_layout
 
 METHODS = ("epsilon", "cross-attention", "plain-first", "plain-second")
-Size = tuple[int, int]
 
 # UNets that carry a dual-style blend: a second one would grow the batch or the context twice.
 _INSTALLED: weakref.WeakSet[UNet2DConditionModel] = weakref.WeakSet()
@@ -86,12 +86,6 @@ def images_of(pipe: Any, batch: int) -> int:
     if batch % 2:
         raise ValueError(f"dual-style blending needs a UNet batch of [uncond, cond] halves, got {batch} rows")
     return batch // 2
-
-
-def _argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
 
 
 def _with_argument(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
@@ -160,9 +154,9 @@ class EpsilonBlend:
     cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def before(self, unet: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sample = _argument(args, kwargs, 0, "sample")
-        context = _argument(args, kwargs, 2, "encoder_hidden_states")
-        added = _argument(args, kwargs, 7, "added_cond_kwargs")
+        sample = call_argument(args, kwargs, 0, "sample")
+        context = call_argument(args, kwargs, 2, "encoder_hidden_states")
+        added = call_argument(args, kwargs, 7, "added_cond_kwargs")
         batch = sample.shape[0]
         images = images_of(self.pipe, batch)
         second = self.second.embeds.to(context.device, context.dtype)
@@ -222,20 +216,6 @@ def install_epsilon_blend(pipe: DiffusionPipeline, second_prompt: str, weights: 
 
 
 @dataclass
-class TokenGrid:
-    """The `(height, width)` of one Transformer2DModel's input, written by its forward pre-hook."""
-
-    size: Size | None = None
-
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = _argument(args, kwargs, 0, "hidden_states")
-        if hidden.ndim != 4:
-            raise ValueError("a UNet transformer's input should be (batch, channels, height, width), "
-                             f"got {tuple(hidden.shape)}")
-        self.size = tuple(hidden.shape[-2:])
-
-
-@dataclass
 class CrossAttentionBlend:
     """The UNet pre-hook of the cross-attention blend and what every layer's processor reads from it.
 
@@ -252,8 +232,8 @@ class CrossAttentionBlend:
     cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def before(self, unet: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sample = _argument(args, kwargs, 0, "sample")
-        context = _argument(args, kwargs, 2, "encoder_hidden_states")
+        sample = call_argument(args, kwargs, 0, "sample")
+        context = call_argument(args, kwargs, 2, "encoder_hidden_states")
         images = images_of(self.pipe, sample.shape[0])
         second = self.second.embeds.to(context.device, context.dtype)
         if second.shape[-1] != context.shape[-1]:
@@ -333,17 +313,6 @@ class DualContextProcessor:
                                "the layer's height and width come from its Transformer2DModel")
         self.last_weight = self.blender.weight(size, device, dtype)
         return self.last_weight
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Transformer2DModel]:
-    """Every cross-attention (attn2) module path, with the Transformer2DModel it sits in."""
-    found: dict[str, Transformer2DModel] = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, Transformer2DModel):
-            for path, sub in module.named_modules(prefix=name):
-                if path.endswith(".attn2") and isinstance(sub, Attention):
-                    found[path] = module
-    return found
 
 
 def install_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: str, weights: Weights | None = None,

@@ -3,14 +3,20 @@
 A processor flattens the image tokens and normalises as `AttnProcessor2_0` does (`attention_inputs`),
 projects q, k, v with the layer's own weights (`projections`), runs its method's attention on the
 flat `(batch, tokens, heads * head_dim)` tensors, and hands the result back through `to_out`,
-the residual and the rescale (`attention_output`).
+the residual and the rescale (`attention_output`). `TokenGrid` and `cross_attention_layers` give a
+cross-attention layer its own height and width.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import Transformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+Size = tuple[int, int]
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,3 +65,35 @@ def attention_output(attn: Any, out: torch.Tensor, residual: torch.Tensor, shape
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor
+
+
+def call_argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """A hooked call's argument, given by keyword or at `index`, else None."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+@dataclass
+class TokenGrid:
+    """The `(height, width)` of one Transformer2DModel's input, written by its forward pre-hook."""
+
+    size: Size | None = None
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = call_argument(args, kwargs, 0, "hidden_states")
+        if hidden.ndim != 4:
+            raise ValueError("a UNet transformer's input should be (batch, channels, height, width), "
+                             f"got {tuple(hidden.shape)}")
+        self.size = tuple(hidden.shape[-2:])
+
+
+def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Transformer2DModel]:
+    """Every cross-attention (attn2) module path, with the Transformer2DModel it sits in."""
+    found: dict[str, Transformer2DModel] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Transformer2DModel):
+            for path, sub in module.named_modules(prefix=name):
+                if path.endswith(".attn2") and isinstance(sub, Attention):
+                    found[path] = module
+    return found

@@ -28,9 +28,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..spatial import (RELATION_PHRASES, LayerMaps, SpatialSettings, attention_with_maps, centroid_and_variance,
                        find_subsequence, guidance_layers, guidance_loss, object_map, relation_distance)
 from .handle import UNetHandle
-from .dual_style import DualContextProcessor, TokenGrid, _argument, cross_attention_layers
+from .dual_style import DualContextProcessor
 from .pipeline import cfg_unet_inputs, default_size, row_generators
-from .processor import attention_inputs, attention_output, projections
+from .processor import TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers, projections
 from .style_aligned import unet_layout, unet_of
 
 # Backward through a float16 UNet: the loss is scaled up before autograd and the gradient scaled
@@ -122,11 +122,11 @@ class SpatialMapProcessor:
         rows = self.recorder.rows
         if rows is None:
             return self.previous(attn, hidden_states, *args, **kwargs)
-        context = _argument(args, kwargs, 0, "encoder_hidden_states")
+        context = call_argument(args, kwargs, 0, "encoder_hidden_states")
         if context is None:
             raise ValueError(f"{self.path}: the spatial map processor is for cross-attention (attn2); "
                              "it got no encoder_hidden_states")
-        if _argument(args, kwargs, 1, "attention_mask") is not None:
+        if call_argument(args, kwargs, 1, "attention_mask") is not None:
             raise ValueError(f"{self.path}: recording cross-attention maps does not support an attention_mask")
         if attn.spatial_norm is not None or kwargs.get("temb") is not None:
             raise ValueError(f"{self.path}: recording cross-attention maps does not support a spatial norm")
