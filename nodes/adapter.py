@@ -8,6 +8,7 @@ controls applied earlier, which keep working unmasked (mask them with another Ma
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import comfy.controlnet
@@ -67,11 +68,16 @@ class MaskedControl:
         return masked_copy(super().copy(), self.effect_mask, self.resize, self.feather, self.level_strengths)
 
 
+@functools.cache
+def masked_class(base: type) -> type:
+    """One masked subclass per control class (ControlNet, T2IAdapter, ControlLora, ...)."""
+    return type(f"Masked{base.__name__}", (MaskedControl, base), {})
+
+
 def masked_copy(control: Any, mask: torch.Tensor, resize: str, feather: float, level_strengths: tuple[float, ...]) -> Any:
     """`control` re-classed so its residuals are masked (the object is a fresh copy: nothing shared is changed)."""
-    base = type(control)
     if not isinstance(control, MaskedControl):
-        control.__class__ = type(f"Masked{base.__name__}", (MaskedControl, base), {})
+        control.__class__ = masked_class(type(control))
     control.effect_mask, control.resize, control.feather, control.level_strengths = mask, resize, feather, level_strengths
     return control
 
