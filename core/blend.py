@@ -154,13 +154,13 @@ def blend(first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor) -> to
 
 def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, second_tokens: int,
                            weight: torch.Tensor, blended_rows: slice | list[int] | torch.Tensor,
-                           attention: Attention = sdpa_attention) -> torch.Tensor:
+                           attention: Attention = sdpa_attention, second_attention: Attention | None = None) -> torch.Tensor:
     """Cross-attention to two contexts whose keys and values are concatenated along tokens.
 
     `k`, `v` hold the first context's tokens, then the last `second_tokens` of the second. Every row
     attends to the first context; the `blended_rows` also attend to the second and take
     `weight * first + (1 - weight) * second` per image token (`weight` broadcasts to
-    `(len(blended_rows), N, 1)`). The original blends the per-head outputs before `to_out`, which is
+    `(len(blended_rows), N, 1)`). `second_attention` (default: `attention`) attends to the second context. The original blends the per-head outputs before `to_out`, which is
     the same: `to_out` is affine and the weights sum to one.
     """
     first_tokens = k.shape[1] - second_tokens
@@ -170,7 +170,7 @@ def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     rows_q = q[blended_rows]
     if rows_q.shape[0] == 0:
         return out
-    second = attention(rows_q, k[blended_rows, first_tokens:], v[blended_rows, first_tokens:], heads, None)
+    second = (second_attention or attention)(rows_q, k[blended_rows, first_tokens:], v[blended_rows, first_tokens:], heads, None)
     out[blended_rows] = blend(out[blended_rows], second, weight)
     return out
 

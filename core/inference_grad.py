@@ -1,15 +1,22 @@
-"""Input gradients through a model whose weights are inference tensors.
+"""Input gradients through a model whose weights are inference tensors, patched by other nodes.
 
 ComfyUI loads and patches weights inside `torch.inference_mode()`, so they are inference tensors,
 which autograd refuses to save for backward. Guidance needs only the gradient with respect to the
 input, and that never needs a weight gradient: `InferenceWeights` routes the ops that carry weights
 (linear, conv2d, group_norm, layer_norm) to autograd functions that keep the weight as a plain
 reference and compute the input gradient alone. No weight is copied or changed; ops on ordinary
-weights take autograd's usual path.
+weights take autograd's usual path. Any other op that meets an inference tensor (a norm's weight
+in another patch, a constant cached during an inference step) gets an ordinary copy of it.
+
+`guided_autograd` adds what a model patched by other nodes needs: their code and the host's write
+in place into tensors autograd has saved (ControlNet residuals added with `+=`, FreeU's scaling,
+attention outputs assembled row by row), so every saved tensor is kept as a copy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,13 +104,35 @@ def _weight_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
 _ROUTES = {F.linear: _linear, torch.conv2d: _conv2d, F.group_norm: _norm(F.group_norm), F.layer_norm: _norm(F.layer_norm)}
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _ordinary(value: Any) -> Any:
+    """`value` with every inference tensor (in lists and tuples too) replaced by an ordinary copy."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_ordinary(item) for item in value)
+    return value
+
+
 class InferenceWeights(TorchFunctionMode):
-    """While active, input gradients flow through linear/conv2d/group_norm/layer_norm layers whose weights are inference tensors."""
+    """While active, input gradients flow through ops that meet inference tensors, weights or not."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
         route = _ROUTES.get(func)
-        if route is None or not torch.is_grad_enabled():
+        if route is None:
+            tensors = list(_tensors((args, tuple(kwargs.values()))))
+            if any(t.is_inference() for t in tensors) and any(t.requires_grad for t in tensors):
+                args, kwargs = _ordinary(args), {key: _ordinary(value) for key, value in kwargs.items()}
             return func(*args, **kwargs)
         x, weight = kwargs.get("input", args[0] if args else None), _weight_of(func, args, kwargs)
         if not _frozen(weight):
@@ -113,3 +142,11 @@ class InferenceWeights(TorchFunctionMode):
                 return func(*args, **kwargs)
         out = route(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
+
+
+@contextmanager
+def guided_autograd() -> Iterator[None]:
+    """Autograd through a host model that other code patches: inference weights routed, saved tensors copied."""
+    # A copy on save: a later in-place write by the host or another node cannot invalidate the backward pass.
+    with InferenceWeights(), torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+        yield

@@ -9,6 +9,7 @@ controls applied earlier, which keep working unmasked (mask them with another Ma
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import comfy.controlnet
@@ -18,7 +19,7 @@ from comfy_api.latest import io
 from ..core.adapter import mask_features
 from ..core.blend import check_mask
 from ..core.errors import InputError
-from .common import CATEGORY
+from .common import CATEGORY, HIDDEN, check_widgets, node_label
 
 MASKED_ADAPTER = "MultiCond_MaskedAdapter"
 RESIZE_MODES = ("nearest", "bilinear", "area")
@@ -31,6 +32,7 @@ class MaskedControl:
     resize: str = "nearest"
     feather: float = 0.0
     level_strengths: tuple[float, ...] = ()
+    node: str = MASKED_ADAPTER  # the node's label in errors
 
     rows: int = 1  # rows of the model call in flight (a T2I-Adapter's features have one row per hint image)
 
@@ -38,7 +40,7 @@ class MaskedControl:
         self.rows, masks = x_noisy.shape[0], self.effect_mask.shape[0] if self.effect_mask.ndim == 3 else 1
         images = self.rows // max(batched_number, 1)
         if masks not in (1, images):
-            raise InputError(MASKED_ADAPTER, "mask", f"{masks} masks for a latent batch of {images} images",
+            raise InputError(self.node, "mask", f"{masks} masks for a latent batch of {images} images",
                              "Give one mask, or one per latent image.")
         return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
 
@@ -54,7 +56,7 @@ class MaskedControl:
             try:
                 scaled = iter(mask_features(present, self.effect_mask, self.resize, self.feather))
             except ValueError as error:
-                raise InputError(MASKED_ADAPTER, "mask", str(error), "Give one mask, or one per latent image.") from error
+                raise InputError(self.node, "mask", str(error), "Give one mask, or one per latent image.") from error
             masked[key] = [None if x is None else self._level_scaled(next(scaled), widths) for x in residuals]
         return super().control_merge(masked, control_prev, output_dtype)
 
@@ -65,7 +67,7 @@ class MaskedControl:
         return residual * self.level_strengths[min(level, len(self.level_strengths) - 1)]
 
     def copy(self) -> Any:
-        return masked_copy(super().copy(), self.effect_mask, self.resize, self.feather, self.level_strengths)
+        return masked_copy(super().copy(), self.effect_mask, self.resize, self.feather, self.level_strengths, self.node)
 
 
 @functools.cache
@@ -74,11 +76,13 @@ def masked_class(base: type) -> type:
     return type(f"Masked{base.__name__}", (MaskedControl, base), {})
 
 
-def masked_copy(control: Any, mask: torch.Tensor, resize: str, feather: float, level_strengths: tuple[float, ...]) -> Any:
+def masked_copy(control: Any, mask: torch.Tensor, resize: str, feather: float, level_strengths: tuple[float, ...],
+                node: str = MASKED_ADAPTER) -> Any:
     """`control` re-classed so its residuals are masked (the object is a fresh copy: nothing shared is changed)."""
     if not isinstance(control, MaskedControl):
         control.__class__ = masked_class(type(control))
     control.effect_mask, control.resize, control.feather, control.level_strengths = mask, resize, feather, level_strengths
+    control.node = node
     return control
 
 
@@ -86,16 +90,16 @@ def _control_of(entry: list) -> Any:
     return entry[1].get("control")
 
 
-def parse_strengths(text: str) -> tuple[float, ...]:
+def parse_strengths(text: str, node: str = MASKED_ADAPTER) -> tuple[float, ...]:
     if not text.strip():
         return ()
     try:
         values = tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
     except ValueError as error:
-        raise InputError(MASKED_ADAPTER, "level_strengths", f"{text!r} is not a list of numbers",
+        raise InputError(node, "level_strengths", f"{text!r} is not a list of numbers",
                          "Write one strength per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'.") from error
-    if not values or any(v < 0 for v in values):
-        raise InputError(MASKED_ADAPTER, "level_strengths", f"{text!r} needs non-negative numbers",
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise InputError(node, "level_strengths", f"{text!r} needs finite, non-negative numbers",
                          "Write one strength per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'.")
     return values
 
@@ -104,6 +108,7 @@ class MaskedAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=MASKED_ADAPTER,
             display_name="Masked Adapter (localized control)",
             category=f"{CATEGORY}/control",
@@ -134,10 +139,12 @@ class MaskedAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, positive: list, negative: list, mask: torch.Tensor, resize: str, feather: float,
                 level_strengths: str) -> io.NodeOutput:
+        label = node_label(cls, MASKED_ADAPTER)
+        check_widgets(cls, label, locals())
         problem = check_mask(mask)
         if problem is not None:
-            raise InputError(MASKED_ADAPTER, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width).")
-        strengths = parse_strengths(level_strengths)
+            raise InputError(label, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width).")
+        strengths = parse_strengths(level_strengths, label)
         controls = [_control_of(entry) for entry in positive + negative if _control_of(entry) is not None]
         if not controls:
             raise InputError(MASKED_ADAPTER, "positive", "the conditioning carries no ControlNet or T2I-Adapter",
@@ -156,7 +163,7 @@ class MaskedAdapter(io.ComfyNode):
                 control = options.get("control")
                 if control is not None:
                     if id(control) not in copies:
-                        copy = masked_copy(control.copy(), effect, resize, feather, strengths)
+                        copy = masked_copy(control.copy(), effect, resize, feather, strengths, label)
                         copies[id(control)] = copy.set_previous_controlnet(control.previous_controlnet)  # copy() drops it
                     options = {**options, "control": copies[id(control)]}
                 out.append([tensor, options])

@@ -19,7 +19,7 @@ from ..core.errors import InputError
 from ..core.inversion import ddim_timesteps
 from ..core.layers import (LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced,
                            selection_chart)
-from .common import CATEGORY, model_layout
+from .common import CATEGORY, HIDDEN, check_widgets, model_layout, node_label
 from .style import LayerSelectionInput
 
 LAYER_BALANCE = "MultiCond_LayerBalance"
@@ -60,6 +60,7 @@ class LayerBalance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=LAYER_BALANCE,
             display_name="Layer Balance (Conditional Balance)",
             category=f"{CATEGORY}/style",
@@ -102,7 +103,9 @@ class LayerBalance(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, source: str, grading: str, lambda_s: float, preset: str, only_self_level: float,
                 blocks: str, lambda_t: float = 0.85) -> io.NodeOutput:
-        layout = model_layout(model, LAYER_BALANCE)
+        label = node_label(cls, LAYER_BALANCE)
+        check_widgets(cls, label, locals())
+        layout = model_layout(model, label)
         if source == "grading":
             selection = grading_selection(layout, grading, lambda_s)
         elif source == "preset":

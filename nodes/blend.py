@@ -21,14 +21,14 @@ from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNE
                           dual_context_attention, latent_weights, layer_weights, rows_of, side_factor)
 from ..core.errors import InputError
 from ..core.layers import LayerId, LayerSelection
-from .common import (CATEGORY, LAYERS_TYPE, existing_replace, model_layout, plain_attention, selection_allows)
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, SECOND_CONTEXT, SECOND_TOKENS, check_widgets, existing_replace,
+                     model_layout, node_label, plain_attention, selection_allows)
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
 CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
 BLEND_TAG = "multicond_blend"  # key of EpsilonBlend's tag in a conditioning entry
 EPSILON_WRAPPER_KEY = "multicond.epsilon_blend"
 CONTEXT_WRAPPER_KEY = "multicond.cross_attn_blend"
-SECOND_TOKENS = "multicond_second_tokens"  # transformer_options: how many appended context tokens are the second prompt's
 
 PROFILES = ("sigmoid", "linear", "cosine", "mask")
 ANGLE = "angle"
@@ -57,7 +57,9 @@ class BlendWeights:
         if key not in self.cache:
             weights = self._rows(layer_weights(self.weights, latent, layer), images)
             self.cache[key] = weights.reshape(weights.shape[0], -1, 1).to(device)
-        return self.cache[key]
+        cached = self.cache[key]
+        # Built during an inference-mode step, the cache is an inference tensor autograd cannot save (Spatial Guidance).
+        return cached.clone() if torch.is_grad_enabled() and cached.is_inference() else cached
 
     def _rows(self, weights: torch.Tensor, images: int) -> torch.Tensor:
         if weights.shape[0] == 1:
@@ -133,7 +135,7 @@ def blend_entries(entries: list[dict], x: torch.Tensor, timestep: torch.Tensor) 
                          "Give each sampler the positive of one EpsilonBlend (chain blends through its first/second inputs).")
     group = next(iter(groups.values()))
     if x.ndim != 4:
-        raise InputError(EPSILON_BLEND, "model", f"the latent has {x.ndim} dimensions; the blend profile is 2-D",
+        raise InputError(group.weights.node, "model", f"the latent has {x.ndim} dimensions; the blend profile is 2-D",
                          "Use an image model (latents of shape batch, channels, height, width).")
     weight = group.weights.at(x.shape[-2], x.shape[-1], x.shape[0], x.device)
     sides = [_sides(entry) for entry in entries]
@@ -154,11 +156,17 @@ def _sides(entry: dict) -> tuple[bool, bool]:
     return (True, True) if tag is None else (tag[1] == 0, tag[1] == 1)
 
 
+@dataclass(frozen=True)
 class EpsilonBlendWrapper:
     """CALC_COND_BATCH wrapper: masks the tagged entries of every conditioning list, then runs ComfyUI's batch."""
 
+    node: str  # the node's label, for the error when its positive is not the sampler's
+
     def __call__(self, executor: Any, model: Any, conds: list[list[dict] | None], x: torch.Tensor, timestep: torch.Tensor,
                  model_options: dict) -> list[torch.Tensor]:
+        if not any(_tag(entry) is not None for entries in conds if entries for entry in entries):
+            raise InputError(self.node, "positive", "the sampler's positive is not this node's positive output, so "
+                             "there is nothing to blend", "Connect Epsilon Blend's positive output to the sampler's positive.")
         blended = [entries if entries is None else blend_entries(entries, x, timestep) for entries in conds]
         return executor(model, blended, x, timestep, model_options)
 
@@ -195,6 +203,7 @@ class EpsilonBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=EPSILON_BLEND,
             display_name="Epsilon Blend (dual style)",
             category=f"{CATEGORY}/blend",
@@ -228,16 +237,18 @@ class EpsilonBlend(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, first: list, second: list, profile: str, direction: str, angle: float, center: float,
                 sharpness: float, ramp_width: float, weighting: str, mask: torch.Tensor | None = None) -> io.NodeOutput:
+        label = node_label(cls, EPSILON_BLEND)
+        check_widgets(cls, label, locals())
         for name, conditioning in (("first", first), ("second", second)):
             if not conditioning:
-                raise InputError(EPSILON_BLEND, name, "the conditioning is empty", f"Connect a prompt to {name} (CLIP Text Encode).")
-        group = BlendGroup(blend_weights(EPSILON_BLEND, profile, direction, angle, center, sharpness, ramp_width, mask), weighting)
+                raise InputError(label, name, "the conditioning is empty", f"Connect a prompt to {name} (CLIP Text Encode).")
+        group = BlendGroup(blend_weights(label, profile, direction, angle, center, sharpness, ramp_width, mask), weighting)
         positive = [[tensor, {**options, BLEND_TAG: (group, side)}]
                     for side, conditioning in enumerate((first, second)) for tensor, options in conditioning]
         patched = model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, EPSILON_WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, EPSILON_WRAPPER_KEY,
-                                     EpsilonBlendWrapper())
+                                     EpsilonBlendWrapper(label))
         return io.NodeOutput(patched, positive)
 
 
@@ -271,31 +282,37 @@ class CrossAttnBlendPatch:
         second_tokens = extra_options.get(SECOND_TOKENS)
         if second_tokens is None:  # a call that did not go through SecondContext: nothing appended
             return self._attend(q, k, v, extra_options)
+        # A delegated patch sees one context per call, and a flag on the second prompt's call.
+        first_options = {key: value for key, value in extra_options.items() if key != SECOND_TOKENS}
         if not selection_allows(self.selection, self.layer, extra_options, self.log_sigmas):
             first = k.shape[1] - second_tokens
-            return self._attend(q, k[:, :first], v[:, :first], extra_options)
+            return self._attend(q, k[:, :first], v[:, :first], first_options)
         chunks = extra_options["cond_or_uncond"]
         images = q.shape[0] // len(chunks)
         _, _, height, width = extra_options["activations_shape"]
         latent = tuple(extra_options["original_shape"][-2:])
         weight = self.weights.at_layer(latent, (height, width), images, q.device)
         cond = [kind != UNCOND for kind in chunks]
-        attention = lambda q, k, v, heads, bias: self._attend(q, k, v, extra_options)  # noqa: E731
+        second_options = {**first_options, SECOND_CONTEXT: True}
+        attention = lambda q, k, v, heads, bias: self._attend(q, k, v, first_options)  # noqa: E731
+        second_attention = lambda q, k, v, heads, bias: self._attend(q, k, v, second_options)  # noqa: E731
         if self.inner is None:
             rows = [chunk * images + image for chunk, is_cond in enumerate(cond) if is_cond for image in range(images)]
             row_weight = weight.repeat(sum(cond), 1, 1) if weight.shape[0] > 1 else weight
-            return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, rows, attention)
+            return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, rows, attention,
+                                          second_attention)
         # A foreign patch indexes its own per-row data by the whole batch: give it every row; uncond rows weigh 1.
         ones = torch.ones_like(weight[:1])
         row_weight = torch.cat([(weight if is_cond else ones).expand(images, -1, -1) for is_cond in cond])
-        return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, slice(None), attention)
+        return dual_context_attention(q, k, v, extra_options["n_heads"], second_tokens, row_weight, slice(None), attention,
+                                      second_attention)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
 
     def set_new_condition(self, **kwargs: Any) -> None:
         # IPAdapter, applied after this node, calls this on the patch it finds in the slot.
-        raise InputError(CROSS_ATTN_BLEND, "model", "IPAdapter was applied after Cross-Attention Blend",
+        raise InputError(self.weights.node, "model", "IPAdapter was applied after Cross-Attention Blend",
                          "Apply IPAdapter first and connect its model to Cross-Attention Blend.")
 
 
@@ -303,6 +320,7 @@ class CrossAttnBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=CROSS_ATTN_BLEND,
             display_name="Cross-Attention Blend (dual style)",
             category=f"{CATEGORY}/blend",
@@ -328,9 +346,11 @@ class CrossAttnBlend(io.ComfyNode):
     def execute(cls, model: Any, second: list, profile: str, direction: str, angle: float, center: float,
                 sharpness: float, ramp_width: float, mask: torch.Tensor | None = None,
                 layers: LayerSelection | None = None) -> io.NodeOutput:
-        layout = model_layout(model, CROSS_ATTN_BLEND)
+        label = node_label(cls, CROSS_ATTN_BLEND)
+        check_widgets(cls, label, locals())
+        layout = model_layout(model, label)
         context = second_context(model, second)
-        weights = blend_weights(CROSS_ATTN_BLEND, profile, direction, angle, center, sharpness, ramp_width, mask)
+        weights = blend_weights(label, profile, direction, angle, center, sharpness, ramp_width, mask)
         if layers is not None:
             layers.check(layout, CROSS_ATTN_BLEND)
         log_sigmas = model.get_model_object("model_sampling").log_sigmas.float().cpu() if layers is not None and layers.per_timestep else None

@@ -9,6 +9,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.supported_models as supported
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy_api.latest import io
 
 from ..core.chunks import ChunkLayout, chunk_layout
 from ..core.errors import InputError
@@ -16,6 +17,41 @@ from ..core.layers import LayerId, LayerSelection, UNetLayout, layout_from_layer
 
 CATEGORY = "MultiCond"
 LAYERS_TYPE = "MULTICOND_LAYERS"
+# transformer_options set by CrossAttnBlend, read by any attn2 patch that must tell its prompt from the second one:
+SECOND_TOKENS = "multicond_second_tokens"  # how many appended context tokens are the second prompt's
+SECOND_CONTEXT = "multicond_second_context"  # set on the call of a delegated patch that attends to the second prompt
+
+HIDDEN = [io.Hidden.unique_id, io.Hidden.prompt]  # what node_label reads: every node's schema asks for them
+
+
+def node_label(node: type[io.ComfyNode], node_id: str) -> str:
+    """How errors name a node: its id, and its title and number in the graph when the host passes them."""
+    hidden = getattr(node, "hidden", None)
+    number = getattr(hidden, "unique_id", None)
+    if number is None:
+        return node_id
+    title = ((getattr(hidden, "prompt", None) or {}).get(str(number), {}).get("_meta", {})).get("title")
+    return f"{node_id} '{title}' (#{number})" if title else f"{node_id} (#{number})"
+
+
+def check_widgets(node: type[io.ComfyNode], label: str, values: dict[str, Any]) -> None:
+    """Every widget value as its schema allows: an option of its list, a finite number within range.
+
+    ComfyUI 0.3.64 does not check V3 option lists, and no host refuses NaN (it fails no comparison).
+    """
+    for spec in node.define_schema().inputs:
+        value = values.get(spec.id)
+        if value is None:
+            continue
+        options = getattr(spec, "options", None)
+        if isinstance(spec, io.Combo.Input) and options and value not in options:  # an empty list: files the user has none of
+            raise InputError(label, spec.id, f"{value!r} is not an option", f"Choose one of {list(options)}.")
+        if isinstance(spec, (io.Float.Input, io.Int.Input)):
+            low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+            if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+                raise InputError(label, spec.id, f"{value!r} is not a finite number within {low}..{high}",
+                                 f"Set a value from {low} to {high}.")
+
 
 # Checked in this order: SDXL derivatives subclass SDXL, SD2.x models subclass SD20.
 _FAMILIES: tuple[tuple[type, str], ...] = ((supported.SDXL, "sdxl"), (supported.SD20, "sd2"), (supported.SD15, "sd1"))
@@ -91,6 +127,33 @@ def existing_replace(model: Any, kind: str, layer: LayerId) -> Any:
     """The replace patch ComfyUI would run on this layer now (3-part key first, then 2-part)."""
     slots = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
     return slots.get(layer.comfy_key, slots.get(layer.comfy_key[:2]))
+
+
+PACK = __name__.split(".")[0]  # the pack's top package, whatever its folder is called
+WRAPPER_PREFIX = "multicond."  # every wrapper key of the pack starts with it
+
+
+def is_pack_patch(patch: Any) -> bool:
+    return type(patch).__module__.split(".")[0] == PACK
+
+
+def without_pack_patches(model: Any) -> Any:
+    """A clone of `model` with none of this pack's patches and wrappers; other nodes' patches stay."""
+    plain = model.clone()
+    replaces = plain.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for kind in ("attn1", "attn2"):
+        slots = replaces.get(kind, {})
+        for key, patch in list(slots.items()):
+            while patch is not None and is_pack_patch(patch):
+                patch = patch.inner  # every attention patch of the pack delegates to what it replaced
+            if patch is None:
+                del slots[key]
+            else:
+                slots[key] = patch
+    for kind, wrappers in list(plain.wrappers.items()):
+        for key in [key for key in wrappers if isinstance(key, str) and key.startswith(WRAPPER_PREFIX)]:
+            plain.remove_wrappers_with_key(kind, key)
+    return plain
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:

@@ -19,8 +19,8 @@ from comfy_api.latest import io
 
 from ..core.errors import InputError
 from ..core.inversion import INVERSION_GUIDANCE, PIN_OFFSET, ddim_invert, ddim_timesteps, nearest_step, pinned_step
-from .common import CATEGORY, batch_layout, model_layout
-from .style import BATCH_WRAPPER_KEY, StylePatch
+from .common import CATEGORY, HIDDEN, batch_layout, check_widgets, model_layout, node_label, without_pack_patches
+from .style import StylePatch
 
 STYLE_REFERENCE = "MultiCond_StyleReference"
 PIN_WRAPPER_KEY = "multicond.pin_reference"
@@ -34,13 +34,15 @@ class PinReference:
     timesteps: list[int]
     offset: int
     reference_index: int
+    node: str = STYLE_REFERENCE  # the node's label in errors
 
     def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         transformer_options = args[3] if len(args) > 3 else kwargs["transformer_options"]
-        layout = batch_layout(transformer_options["cond_or_uncond"], x.shape[0], self.reference_index, STYLE_REFERENCE)
+        self._check_style_patches(transformer_options)
+        layout = batch_layout(transformer_options["cond_or_uncond"], x.shape[0], self.reference_index, self.node)
         if tuple(self.trajectory.shape[-2:]) != tuple(x.shape[-2:]):
             height, width = (8 * s for s in self.trajectory.shape[-2:])
-            raise InputError(STYLE_REFERENCE, "image", f"the reference image is {width}x{height} px but the latent "
+            raise InputError(self.node, "image", f"the reference image is {width}x{height} px but the latent "
                              f"batch is {8 * x.shape[-1]}x{8 * x.shape[-2]} px",
                              "Scale the image (ImageScale) to the latent's size, or the latent to the image's.")
         sampling = executor.class_obj.model_sampling
@@ -53,20 +55,19 @@ class PinReference:
             x[row] = latent * (sigma.to(x.dtype) ** 2 + 1) ** 0.5
         return executor(x, t, *args, **kwargs)
 
-
-def without_style(model: Any) -> Any:
-    """A clone of `model` without this pack's style patches: inversion runs one image at a time."""
-    plain = model.clone()
-    slots = plain.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    for key, patch in list(slots.items()):
-        if isinstance(patch, StylePatch):
-            if patch.inner is None:
-                del slots[key]
-            else:
-                slots[key] = patch.inner
-    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY)
-    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PIN_WRAPPER_KEY)
-    return plain
+    def _check_style_patches(self, transformer_options: dict) -> None:
+        """The pinned image must be the one Shared Attention / AdaIN Style take style from."""
+        slots = transformer_options.get("patches_replace", {}).get("attn1", {}).values()
+        stages = [stage for patch in slots if isinstance(patch, StylePatch) for stage in (patch.share, patch.adain) if stage]
+        if not stages:
+            raise InputError(self.node, "model", "no Shared Attention or AdaIN Style on the sampled model takes style "
+                             "from the pinned image", "Connect the model through Shared Attention and/or AdaIN Style "
+                             "(before or after this node).")
+        others = sorted({stage.reference_index for stage in stages} - {self.reference_index})
+        if others:
+            raise InputError(self.node, "reference_index", f"the image is pinned to row {self.reference_index}, but "
+                             f"Shared Attention / AdaIN Style take style from row {others[0]}",
+                             "Give Style Reference Image the same reference_index as Shared Attention and AdaIN Style.")
 
 
 def invert(model: Any, latent: torch.Tensor, positive: Any, negative: Any, steps: int, cfg: float) -> tuple[torch.Tensor, list[int]]:
@@ -89,7 +90,8 @@ def invert(model: Any, latent: torch.Tensor, positive: Any, negative: Any, steps
         return x
 
     sigmas = torch.stack([sampling.sigma(torch.tensor(float(t))) for t in reversed(timesteps)]).float()
-    comfy.sample.sample_custom(without_style(model), torch.zeros_like(latent), cfg, comfy.samplers.KSAMPLER(inversion_sampler),
+    # The original inverts with the plain pipeline: no style, blend, guidance or pin of this pack takes part.
+    comfy.sample.sample_custom(without_pack_patches(model), torch.zeros_like(latent), cfg, comfy.samplers.KSAMPLER(inversion_sampler),
                                sigmas, positive, negative, latent, disable_pbar=True, seed=0)
     return result["trajectory"].cpu(), timesteps
 
@@ -98,6 +100,7 @@ class StyleReference(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=STYLE_REFERENCE,
             display_name="Style Reference Image (StyleAligned)",
             category=f"{CATEGORY}/style",
@@ -125,17 +128,19 @@ class StyleReference(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, vae: Any, image: torch.Tensor, positive: Any, negative: Any, reference_index: int,
                 inversion_steps: int, inversion_cfg: float, offset: int) -> io.NodeOutput:
-        model_layout(model, STYLE_REFERENCE)
+        label = node_label(cls, STYLE_REFERENCE)
+        check_widgets(cls, label, locals())
+        model_layout(model, label)
         if image.ndim != 4 or image.shape[0] != 1:
-            raise InputError(STYLE_REFERENCE, "image", f"expected one image, got a batch of shape {tuple(image.shape)}",
+            raise InputError(label, "image", f"expected one image, got a batch of shape {tuple(image.shape)}",
                              "Pass a single image (ImageFromBatch picks one).")
         if offset >= inversion_steps:
-            raise InputError(STYLE_REFERENCE, "offset", f"{offset} is not below inversion_steps ({inversion_steps})",
+            raise InputError(label, "offset", f"{offset} is not below inversion_steps ({inversion_steps})",
                              "Set offset below inversion_steps (paper: 5 of 50).")
         latent = vae.encode(image[..., :3])
         trajectory, timesteps = invert(model, latent, positive, negative, inversion_steps, inversion_cfg)
         patched = model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PIN_WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PIN_WRAPPER_KEY,
-                                     PinReference(trajectory, timesteps, offset, reference_index))
+                                     PinReference(trajectory, timesteps, offset, reference_index, label))
         return io.NodeOutput(patched)

@@ -1,56 +1,59 @@
 """SpatialGuidance: objects where the prompt puts them (InfSplign, Rastegar et al.).
 
 On a guided step an APPLY_MODEL wrapper runs the conditional rows once with autograd (outside
-ComfyUI's inference mode, weights reached through `InferenceWeights`), while attn2 replace
+ComfyUI's inference mode, through `guided_autograd`), while attn2 replace
 patches on the original's decoder layers record the cross-attention probabilities; the loss's
-gradient with respect to the latent is kept for that step, and a post-CFG function moves the
-guided prediction by it. The unconditional rows run as usual, without autograd.
+gradient with respect to the latent goes into a `StepGradient` that a PREDICT_NOISE wrapper
+creates for that one prediction and then applies to the guided result. The unconditional rows
+run as usual, without autograd.
+
+The per-step state lives only inside one PREDICT_NOISE call: it survives `ModelPatcher.clone()`
+(0.3.64 deep-copies `model_options` but shares wrappers, so a state object shared between a
+wrapper and a post-CFG function would split in two) and no failed step can leak a gradient into
+the next run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.patcher_extension
+from comfy.patcher_extension import WrappersMP
 import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from ..core.inference_grad import InferenceWeights
+from ..core.inference_grad import guided_autograd
 from ..core.layers import LayerId
 from ..core.spatial import (PHI, RELATIONS, LayerMaps, SpatialSettings, attention_with_maps, find_subsequence,
                             guidance_layers, guidance_loss, guided_denoised, parse_relation)
-from .common import CATEGORY, current_sigma, existing_replace, model_layout, plain_attention, sigma_range
+from .common import (CATEGORY, HIDDEN, SECOND_CONTEXT, SECOND_TOKENS, check_widgets, current_sigma, existing_replace,
+                     model_layout, node_label, plain_attention, sigma_range)
 
 SPATIAL_GUIDANCE = "MultiCond_SpatialGuidance"
 WRAPPER_KEY = "multicond.spatial_guidance"
 RECORD = "multicond_spatial_maps"  # transformer_options: the list the guided layers append their maps to
+STEP = "multicond_spatial_step"  # transformer_options: the StepGradient of the prediction being made
 FROM_PROMPT = "from prompt"
 COND = 0  # ComfyUI's CFGGuider runs [positive, negative]: chunk index 0 is the positive
 
 
 @dataclass
 class StepGradient:
-    """The loss gradient of the current step, summed over the conditional chunks that ran it."""
+    """The loss gradient of one prediction, summed over the conditional chunks that ran it."""
 
-    sigma: float | None = None
     total: torch.Tensor | None = None
     chunks: int = 0
 
-    def add(self, sigma: float, gradient: torch.Tensor) -> None:
-        if self.sigma != sigma or self.total is None or self.total.shape != gradient.shape:
-            self.sigma, self.total, self.chunks = sigma, torch.zeros_like(gradient), 0
-        self.total = self.total + gradient
+    def add(self, gradient: torch.Tensor) -> None:
+        self.total = gradient if self.total is None else self.total + gradient
         self.chunks += 1
 
-    def take(self, sigma: float, shape: torch.Size) -> torch.Tensor | None:
-        """The mean over chunks (ComfyUI averages several positive prompts), once, if it is this step's."""
-        if self.sigma != sigma or self.total is None or self.total.shape != shape:
-            return None
-        gradient, self.sigma, self.total = self.total / self.chunks, None, None
-        return gradient
+    def mean(self) -> torch.Tensor | None:
+        """The mean over chunks (ComfyUI averages several positive prompts); None when no guided pass ran."""
+        return None if self.total is None else self.total / self.chunks
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,6 @@ class Guidance:
     sigma_high: float
     sigma_low: float
     last_block: int  # the last output block holding a guided layer: later blocks are off the gradient's path
-    step: StepGradient = field(default_factory=StepGradient, compare=False)
 
     def active(self, sigma: float) -> bool:
         # A zero weight moves nothing: no autograd pass is run for it.
@@ -78,10 +80,11 @@ class MapRecorder:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         record = extra_options.get(RECORD)
-        if record is None:
+        if record is None or extra_options.get(SECOND_CONTEXT):  # the object words are in the sampler's prompt only
             return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
         _, _, height, width = extra_options["activations_shape"]
-        out, probs = attention_with_maps(q, k, v, extra_options["n_heads"])
+        prompt = k.shape[1] - extra_options.get(SECOND_TOKENS, 0)  # CrossAttnBlend's second prompt is appended
+        out, probs = attention_with_maps(q, k[:, :prompt], v[:, :prompt], extra_options["n_heads"])
         record.append(LayerMaps(probs, height, width, self.role))
         if self.inner is None:
             return out
@@ -130,7 +133,8 @@ class GuidanceWrapper:
                  transformer_options: dict, **kwargs: Any) -> torch.Tensor:
         chunks = transformer_options["cond_or_uncond"]
         sigma = current_sigma(transformer_options)
-        if COND not in chunks or not self.guidance.active(sigma):
+        step = transformer_options.get(STEP)  # None: a model call outside a sampler's prediction, nothing to update
+        if step is None or COND not in chunks or not self.guidance.active(sigma):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         images = x.shape[0] // len(chunks)
         kinds = torch.tensor(chunks).repeat_interleave(images)
@@ -143,7 +147,7 @@ class GuidanceWrapper:
         denoised, gradient = self._guided(executor, x, t, (c_concat, c_crossattn, control, kwargs), transformer_options,
                                           guided, chunks.count(COND))
         out[guided] = denoised
-        self.guidance.step.add(sigma, gradient.reshape(-1, images, *x.shape[1:]).sum(0))
+        step.add(gradient.reshape(-1, images, *x.shape[1:]).sum(0))
         return out
 
     def _guided(self, executor: Any, x: torch.Tensor, t: torch.Tensor, inputs: tuple, transformer_options: dict,
@@ -157,7 +161,7 @@ class GuidanceWrapper:
             patches["output_block_patch"] = [*patches.get("output_block_patch", []), DetachTail(guidance.last_block)]
             options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: maps, "patches": patches,
                        "optimized_attention_override": _pytorch_attention}
-            with InferenceWeights():
+            with guided_autograd():
                 denoised = executor(latent, t[rows].clone(), c_concat, c_crossattn, control, options, **kwargs)
             loss = guidance_loss(maps, guidance.tokens_a, guidance.tokens_b, guidance.settings)
             (gradient,) = torch.autograd.grad(loss.sum(), latent)  # each image's own loss: a sum over images
@@ -165,17 +169,22 @@ class GuidanceWrapper:
 
 
 @dataclass(frozen=True)
-class GuidanceUpdate:
-    """sampler_post_cfg_function: the original's eps <- eps + w dL/dx_t on the guided prediction."""
+class GuidanceStep:
+    """PREDICT_NOISE wrapper: a fresh StepGradient for this prediction, then the original's eps <- eps + w dL/dx_t.
+
+    The update follows every CFG and post-CFG function, as the original adds it to the final eps.
+    """
 
     guidance: Guidance
 
-    def __call__(self, args: dict) -> torch.Tensor:
-        denoised, sigma = args["denoised"], args["sigma"]
-        gradient = self.guidance.step.take(float(sigma.max()), denoised.shape)
-        if gradient is None:
+    def __call__(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed: Any = None) -> torch.Tensor:
+        step = StepGradient()
+        options = {**model_options, "transformer_options": {**model_options.get("transformer_options", {}), STEP: step}}
+        denoised = executor(x, timestep, options, seed)
+        gradient = step.mean()
+        if gradient is None:  # an unguided step
             return denoised
-        return guided_denoised(denoised, sigma, gradient, self.guidance.settings.weight)
+        return guided_denoised(denoised, timestep, gradient, self.guidance.settings.weight)
 
 
 def prompt_tokens(clip: Any, text: str) -> list[int]:
@@ -224,6 +233,7 @@ class SpatialGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=SPATIAL_GUIDANCE,
             display_name="Spatial Guidance (InfSplign)",
             category=f"{CATEGORY}/spatial",
@@ -269,7 +279,11 @@ class SpatialGuidance(io.ComfyNode):
     def execute(cls, model: Any, clip: Any, text: str, object_a: str, relation: str, object_b: str, weight: float,
                 start_percent: float, end_percent: float, phi: str, alpha: float, margin: float, lambda_spatial: float,
                 lambda_presence: float, lambda_balance: float) -> io.NodeOutput:
-        layout = model_layout(model, SPATIAL_GUIDANCE)
+        label = node_label(cls, SPATIAL_GUIDANCE)
+        check_widgets(cls, label, locals())
+        if weight == 0:
+            logging.warning("%s: weight 0, no guidance", label)
+        layout = model_layout(model, label)
         high, low = sigma_range(model, start_percent, end_percent, SPATIAL_GUIDANCE)
         object_a, relation, object_b = resolve_words(text, object_a, relation, object_b)
         tokens_a = object_positions(clip, text, object_a, "object_a")
@@ -280,8 +294,8 @@ class SpatialGuidance(io.ComfyNode):
         patched = model.clone()
         for layer, role in roles.items():
             patched.set_model_attn2_replace(MapRecorder(layer, role, existing_replace(patched, "attn2", layer)), *layer.comfy_key)
-        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, GuidanceWrapper(guidance))
-        patched.set_model_sampler_post_cfg_function(GuidanceUpdate(guidance))
+        for kind, wrapper in ((WrappersMP.APPLY_MODEL, GuidanceWrapper(guidance)), (WrappersMP.PREDICT_NOISE, GuidanceStep(guidance))):
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+            patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         return io.NodeOutput(patched, positive)

@@ -7,6 +7,7 @@ a foreign patch on the layer is kept and delegated to.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,8 +19,8 @@ from ..core.errors import InputError
 from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
-from .common import (CATEGORY, LAYERS_TYPE, batch_layout, current_sigma, existing_replace, model_layout,
-                     plain_attention, sigma_range, sigma_timestep)
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, batch_layout, check_widgets, current_sigma, existing_replace,
+                     model_layout, node_label, plain_attention, sigma_range, sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
@@ -167,6 +168,7 @@ class SharedAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=SHARED_ATTENTION,
             display_name="Shared Attention (StyleAligned)",
             category=f"{CATEGORY}/style",
@@ -201,9 +203,14 @@ class SharedAttention(io.ComfyNode):
                 full_attention_share: bool, share_group_norm: bool, zero_reference_control: bool,
                 reference_index: int, start_percent: float, end_percent: float,
                 layers: LayerSelection | None = None) -> io.NodeOutput:
+        label = node_label(cls, SHARED_ATTENTION)
+        check_widgets(cls, label, locals())
+        if not (share_attention or full_attention_share or share_group_norm):
+            raise InputError(label, "share_attention", "share_attention, full_attention_share and share_group_norm "
+                             "are all off: the node would change nothing", "Turn one on, or bypass the node.")
         high, low = sigma_range(model, start_percent, end_percent, SHARED_ATTENTION)
         settings = ShareSettings(score_scale, score_shift, full_attention_share)
-        stage = Stage(SHARED_ATTENTION, settings, high, low, reference_index)
+        stage = Stage(label, settings, high, low, reference_index)
         patched = install_stage(model, "share", stage, layers) if share_attention or full_attention_share else model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY,
@@ -215,6 +222,7 @@ class AdaINStyle(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            hidden=HIDDEN,
             node_id=ADAIN_STYLE,
             display_name="AdaIN Style (StyleAligned)",
             category=f"{CATEGORY}/style",
@@ -236,9 +244,15 @@ class AdaINStyle(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, queries: bool, keys: bool, values: bool, strength: float, reference_index: int,
                 start_percent: float, end_percent: float, layers: LayerSelection | None = None) -> io.NodeOutput:
+        label = node_label(cls, ADAIN_STYLE)
+        check_widgets(cls, label, locals())
         high, low = sigma_range(model, start_percent, end_percent, ADAIN_STYLE)
         settings = AdaINSettings(queries, keys, values, strength)
         if not settings.any:
+            raise InputError(label, "queries", "queries, keys and values are all off: the node would change nothing",
+                             "Turn one on, or bypass the node.")
+        if strength == 0:
+            logging.warning("%s: strength 0, AdaIN is off", label)
             return io.NodeOutput(model.clone())
-        stage = Stage(ADAIN_STYLE, settings, high, low, reference_index)
+        stage = Stage(label, settings, high, low, reference_index)
         return io.NodeOutput(install_stage(model, "adain", stage, layers))

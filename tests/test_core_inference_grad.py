@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from multicond.core.inference_grad import InferenceWeights
+from multicond.core.inference_grad import InferenceWeights, guided_autograd
 
 
 def network() -> torch.nn.Module:
@@ -61,3 +61,41 @@ def test_an_input_without_gradient_runs_plainly_on_inference_weights():
     with InferenceWeights(), torch.enable_grad():
         out = frozen(torch.randn(1, 4, 8, 8))
     assert not out.requires_grad
+
+
+def test_an_inference_tensor_in_any_op_meets_the_gradient_as_a_copy():
+    """A norm weight or a cached constant used outside the routed layers (a patch's own arithmetic)."""
+    with torch.inference_mode():
+        scale = torch.linspace(0.5, 2.0, 8)
+    x = torch.randn(2, 8)
+    leaf = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        (leaf * scale).square().sum().backward()
+    with InferenceWeights():
+        (grad,) = torch.autograd.grad(torch.cat([leaf * scale, leaf]).square().sum(), leaf)
+    assert scale.is_inference()  # the original is left as it was
+    torch.testing.assert_close(grad, 2 * x * scale.clone() ** 2 + 2 * x, atol=0, rtol=1e-6)
+
+
+def test_guided_autograd_survives_a_later_in_place_write():
+    """As the host's `h += control` or FreeU's scaling after an op has saved `h`."""
+    x = torch.randn(3, 5)
+
+    def forward(leaf: torch.Tensor, in_place: bool) -> torch.Tensor:
+        hidden = leaf * 1.0
+        out = hidden.sigmoid()  # saves its output
+        if in_place:
+            out += 1.0
+        else:
+            out = out + 1.0
+        return out.square().sum()
+
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(forward(leaf, False), leaf)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        leaf = x.clone().requires_grad_(True)
+        torch.autograd.grad(forward(leaf, True), leaf)
+    with guided_autograd():
+        leaf = x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(forward(leaf, True), leaf)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)

@@ -18,7 +18,7 @@ import multicond.nodes.blend as blend_module  # noqa: E402
 from multicond.core.blend import Profile, blend, profile_weights  # noqa: E402
 from multicond.core.errors import InputError  # noqa: E402
 from multicond.core.layers import LayerId, LayerSelection  # noqa: E402
-from multicond.nodes.blend import CrossAttnBlend, EpsilonBlend, EpsilonBlendWrapper  # noqa: E402
+from multicond.nodes.blend import EPSILON_BLEND, CrossAttnBlend, EpsilonBlend, EpsilonBlendWrapper  # noqa: E402
 from multicond.nodes.common import plain_attention  # noqa: E402
 
 from . import tiny  # noqa: E402
@@ -97,7 +97,8 @@ def test_the_profile_is_built_at_the_latents_own_size():
     _, positive = epsilon(model, *prompts("sd15"), sharpness=20.0)
     entries = [{**options, "model_conds": {}, "uuid": index} for index, (_, options) in enumerate(positive)]
     x = torch.zeros(2, 4, 12, 20)
-    seen = EpsilonBlendWrapper()(lambda model, conds, *rest: conds, None, [entries, None], x, torch.tensor([1.0]), {})
+    wrapper = EpsilonBlendWrapper(EPSILON_BLEND)
+    seen = wrapper(lambda model, conds, *rest: conds, None, [entries, None], x, torch.tensor([1.0]), {})
     first_mask, second_mask = (entry["mask"] for entry in seen[0])
     torch.testing.assert_close(first_mask[0], profile_weights(Profile(), 12, 20))
     torch.testing.assert_close(first_mask + second_mask, torch.ones(2, 12, 20))
@@ -206,10 +207,10 @@ def record_blends(monkeypatch) -> list[dict]:
     calls = []
     original = blend_module.dual_context_attention
 
-    def spy(q, k, v, heads, second_tokens, weight, rows, attention=None):
+    def spy(q, k, v, heads, second_tokens, weight, rows, *attention):
         calls.append({"tokens": q.shape[1], "weight": weight.clone(), "rows": rows, "batch": q.shape[0],
                       "second_tokens": second_tokens, "context": k.shape[1]})
-        return original(q, k, v, heads, second_tokens, weight, rows, *(attention,) if attention else ())
+        return original(q, k, v, heads, second_tokens, weight, rows, *attention)
 
     monkeypatch.setattr(blend_module, "dual_context_attention", spy)
     return calls
@@ -333,4 +334,4 @@ def test_epsilon_blend_refuses_a_latent_that_is_not_an_image():
     entries = [{**options, "model_conds": {}, "uuid": index} for index, (_, options) in enumerate(positive)]
     video = torch.zeros(1, 4, 3, 8, 8)
     with pytest.raises(InputError, match="MultiCond_EpsilonBlend: input 'model'.*5 dimensions"):
-        EpsilonBlendWrapper()(lambda *args: None, None, [entries], video, torch.tensor([1.0]), {})
+        EpsilonBlendWrapper(EPSILON_BLEND)(lambda *args: None, None, [entries], video, torch.tensor([1.0]), {})

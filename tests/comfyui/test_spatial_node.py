@@ -11,6 +11,7 @@ from .comfy_host import find_comfyui
 if find_comfyui() is None:
     pytest.skip("no ComfyUI found (see tests/comfyui/conftest.py)", allow_module_level=True)
 
+import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
 import multicond.nodes.spatial as spatial_module  # noqa: E402
@@ -84,15 +85,16 @@ def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
     gradients = []
     original_add = spatial_module.StepGradient.add
 
-    def spy(self, sigma, gradient):
-        gradients.append((sigma, gradient.clone()))
-        return original_add(self, sigma, gradient)
+    def spy(self, gradient):
+        gradients.append(gradient.clone())
+        return original_add(self, gradient)
 
     monkeypatch.setattr(spatial_module.StepGradient, "add", spy)
     weighted, positive = guided(model, clip, weight=100000.0)
     unweighted, _ = guided(model, clip, weight=0.0)
     with_weight = run(weighted, "sd15", positive, negative, steps=1)
-    (sigma, gradient), = gradients[:1]
+    gradient, = gradients[:1]
+    sigma = float(comfy.samplers.calculate_sigmas(weighted.get_model_object("model_sampling"), "normal", 1)[0])
     without = run(unweighted, "sd15", positive, negative, steps=1)
     expected = -sigma * 100000.0 * math.sqrt(1 + sigma**2) * gradient
     expected = model.model.process_latent_out(expected)  # the sampler hands back latents in the VAE's scale
@@ -157,8 +159,7 @@ def test_no_leak_into_a_later_unpatched_run():
 def test_word_positions_come_from_the_clip_l_tokens(kind):
     model, clip = load(kind)
     patched, _ = guided(model, clip)
-    guidance = patched.get_wrappers(spatial_module.comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-                                    spatial_module.WRAPPER_KEY)[0].guidance
+    guidance = patched.get_wrappers(spatial_module.WrappersMP.APPLY_MODEL, spatial_module.WRAPPER_KEY)[0].guidance
     tokens = prompt_tokens(clip, PROMPT)
     cat, dog = clip.tokenizer.clip_l.tokenizer("cat dog")["input_ids"][1:3]
     assert [tokens[i] for i in guidance.tokens_a] == [cat] and [tokens[i] for i in guidance.tokens_b] == [dog]
