@@ -199,6 +199,8 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
             inputs["image"] = REFERENCE_IMAGE
         elif kind == "MultiCond_LayerBalance":
             inputs["grading"] = TINY_GRADING
+        elif kind == "MultiCond_SpatialGuidance":
+            inputs["weight"] = 100000.0  # the tiny random model's maps hardly depend on the latent (gradients ~1e-9)
     return graph
 
 
@@ -303,3 +305,68 @@ def test_workflow_runs_on_the_server(path: Path, server: Server, object_info: di
     assert len(images) == expected
     for image in images:
         assert (server.base / image["type"] / image["subfolder"] / image["filename"]).is_file(), image
+
+
+COMPOSED = ROOT / "workflows" / "composed_style_control_layout_sdxl.json"
+COMPOSED_EFFECT = 1e-5  # each node moves the tiny 2-step latent by 1e-4 and more; a rerun of one graph by 0
+
+
+def bypassed(graph: dict[str, dict], node_id: str, object_info: dict) -> dict[str, dict]:
+    """The graph without one node, as the frontend's bypass wires it: each output from an input of its type (and name).
+
+    An optional input with no such source is left unconnected (Layer Balance's layers); Spatial Guidance's positive
+    has none, so a CLIP Text Encode of its text takes its place.
+    """
+    graph = json.loads(json.dumps(graph))
+    node = graph.pop(node_id)
+    info = object_info[node["class_type"]]
+    types = {name: spec[0] for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()}
+    for other in graph.values():
+        optional = object_info[other["class_type"]]["input"].get("optional", {})
+        for name, value in list(other["inputs"].items()):
+            if not (isinstance(value, list) and value[0] == node_id):
+                continue
+            wanted, output_name = info["output"][value[1]], info["output_name"][value[1]]
+            candidates = [n for n, kind in types.items() if kind == wanted and n in node["inputs"]]
+            candidates.sort(key=lambda n: n != output_name)  # the input of the output's own name first (negative)
+            source = node["inputs"][candidates[0]] if candidates else None
+            if source is not None:
+                other["inputs"][name] = source
+            elif name in optional:
+                del other["inputs"][name]
+            elif node["class_type"] == "MultiCond_SpatialGuidance" and wanted == "CONDITIONING":
+                graph[f"{node_id}_text"] = {"class_type": "CLIPTextEncode",
+                                            "inputs": {"text": node["inputs"]["text"], "clip": node["inputs"]["clip"]}}
+                other["inputs"][name] = [f"{node_id}_text", 0]
+            else:
+                raise AssertionError(f"no bypass for {node['class_type']} output {wanted} into {other['class_type']}.{name}")
+    return graph
+
+
+def final_latent(server: Server, graph: dict[str, dict], prefix: str) -> "Any":
+    """The sampled latent of `graph`, saved by a SaveLatent node next to its KSampler."""
+    from safetensors.torch import load_file
+
+    graph = json.loads(json.dumps(graph))
+    (sampler,) = nodes_of(graph, "KSampler")
+    graph["multicond_save_latent"] = {"class_type": "SaveLatent",
+                                      "inputs": {"samples": [sampler, 0], "filename_prefix": f"composed/{prefix}"}}
+    entry = wait_for_history(server, queue(server, graph))
+    assert entry["status"]["status_str"] == "success", f"{prefix}: {execution_errors(entry)}\n{server.log_tail()}"
+    (saved,) = entry["outputs"]["multicond_save_latent"]["latents"]
+    return load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def test_the_composed_workflow_keeps_every_nodes_effect(server: Server, object_info: dict) -> None:
+    """StyleAligned + Layer Balance + masked ControlNet + Spatial Guidance: each node, bypassed, changes the result."""
+    graph = shrink_for_tiny_models(ui_to_api(load_workflow(COMPOSED), object_info))
+    full = final_latent(server, graph, "full")
+    pack_nodes = [node_id for node_id, node in graph.items() if node["class_type"].startswith("MultiCond_")]
+    assert {graph[node_id]["class_type"] for node_id in pack_nodes} == {
+        "MultiCond_LayerBalance", "MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_SpatialGuidance",
+        "MultiCond_MaskedAdapter"}
+    for node_id in pack_nodes:
+        kind = graph[node_id]["class_type"]
+        without = final_latent(server, bypassed(graph, node_id, object_info), f"without_{kind}")
+        difference = float((full - without).abs().max())
+        assert difference > COMPOSED_EFFECT, f"{kind} has no effect in the composed workflow ({difference:.1e})"
