@@ -314,14 +314,14 @@ COMPOSED_EFFECT = 1e-5  # each node moves the tiny 2-step latent by 1e-4 and mor
 def bypassed(graph: dict[str, dict], node_id: str, object_info: dict) -> dict[str, dict]:
     """The graph without one node, as the frontend's bypass wires it: each output from an input of its type (and name).
 
-    An optional input with no such source is left unconnected (Layer Balance's layers); Spatial Guidance's positive
-    has none, so a CLIP Text Encode of its text takes its place.
+    An optional input with no such source is left unconnected (Layer Balance's layers), a preview of an output with
+    none is dropped; Spatial Guidance's positive has none, so a CLIP Text Encode of its text takes its place.
     """
     graph = json.loads(json.dumps(graph))
     node = graph.pop(node_id)
     info = object_info[node["class_type"]]
     types = {name: spec[0] for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()}
-    for other in graph.values():
+    for other_id, other in list(graph.items()):
         optional = object_info[other["class_type"]]["input"].get("optional", {})
         for name, value in list(other["inputs"].items()):
             if not (isinstance(value, list) and value[0] == node_id):
@@ -334,6 +334,9 @@ def bypassed(graph: dict[str, dict], node_id: str, object_info: dict) -> dict[st
                 other["inputs"][name] = source
             elif name in optional:
                 del other["inputs"][name]
+            elif object_info[other["class_type"]].get("output_node"):  # a preview of the node's own output
+                del graph[other_id]
+                break
             elif node["class_type"] == "MultiCond_SpatialGuidance" and wanted == "CONDITIONING":
                 graph[f"{node_id}_text"] = {"class_type": "CLIPTextEncode",
                                             "inputs": {"text": node["inputs"]["text"], "clip": node["inputs"]["clip"]}}
