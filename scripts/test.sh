@@ -24,13 +24,9 @@ record() {  # name, status, log
   NAMES+=("$1"); STATUS+=("$2"); SUMMARY+=("$(summary_of "$3")")
 }
 
-echo "== core + diffusers tier"
-"$PY" -m pytest tests -q --ignore=tests/comfyui "$@" 2>&1 | tee "$LOGS/core.log"
-record "core + diffusers" "${PIPESTATUS[0]}" "$LOGS/core.log"
-
 host_python() {  # the Python that runs a host's tier
   local host=$1
-  if [ -n "${COMFYUI_PYTHON:-}" ] && [ -n "${COMFYUI_PATH:-}" ]; then echo "$COMFYUI_PYTHON"; return; fi
+  if [ -n "${COMFYUI_PYTHON:-}" ] && [ "$host" = "${COMFYUI_PATH:-}" ]; then echo "$COMFYUI_PYTHON"; return; fi
   for candidate in "$host/venv/bin/python" "$host/.venv/bin/python"; do
     if [ -x "$candidate" ]; then echo "$candidate"; return; fi
   done
@@ -41,6 +37,17 @@ HOSTS=()
 if [ -n "${COMFYUI_PATH:-}" ]; then HOSTS+=("$COMFYUI_PATH"); fi
 for host in ${COMFYUI_HOSTS:-}; do HOSTS+=("$host"); done
 
+# The hosts' Pythons are found or built (pip, mostly waiting on the disk and network) while the core tier runs.
+declare -a BUILDERS=()
+for index in "${!HOSTS[@]}"; do
+  host_python "${HOSTS[$index]}" > "$LOGS/python$index" 2> "$LOGS/python$index.log" &
+  BUILDERS+=("$!")
+done
+
+echo "== core + diffusers tier"
+"$PY" -m pytest tests -q --ignore=tests/comfyui "$@" 2>&1 | tee "$LOGS/core.log"
+record "core + diffusers" "${PIPESTATUS[0]}" "$LOGS/core.log"
+
 if [ ${#HOSTS[@]} -eq 0 ]; then
   echo "== ComfyUI tier: no host given (set COMFYUI_PATH or COMFYUI_HOSTS)"
   "$PY" -m pytest tests/comfyui -q "$@" 2>&1 | tee "$LOGS/comfyui.log"  # reports itself skipped, with the reason
@@ -48,18 +55,16 @@ if [ ${#HOSTS[@]} -eq 0 ]; then
   [ "$status" -eq 5 ] && status=0  # pytest's "no tests ran": every test of the tier skipped as designed
   record "ComfyUI tier (skipped)" "$status" "$LOGS/comfyui.log"
 else
-  # Build the hosts' Pythons first (one at a time: pip is not made to run twice at once), then run the tiers together.
-  declare -a PYTHONS=() PIDS=() LABELS=()
-  for host in "${HOSTS[@]}"; do
-    python=$(host_python "$host") || { echo "cannot make a Python for $host" >&2; python=""; }
-    PYTHONS+=("$python")
-  done
+  declare -a PIDS=() LABELS=()
   for index in "${!HOSTS[@]}"; do
-    host=${HOSTS[$index]} python=${PYTHONS[$index]}
+    host=${HOSTS[$index]}
     version=$(sed -nE 's/^__version__ = "(.*)"/\1/p' "$host/comfyui_version.py" 2>/dev/null)
     LABELS+=("ComfyUI ${version:-?} ($host)")
     log="$LOGS/host$index.log"
-    if [ -z "$python" ]; then echo "no Python for $host" > "$log"; PIDS+=(""); continue; fi
+    if ! wait "${BUILDERS[$index]}"; then
+      { echo "no Python for $host:"; cat "$LOGS/python$index.log"; } > "$log"; PIDS+=(""); continue
+    fi
+    python=$(cat "$LOGS/python$index")
     "$python" -c "import pytest" 2>/dev/null || "$python" -m pip install -q pytest
     # One torch thread each: the tiny models gain nothing from more, and two tiers share the cores.
     COMFYUI_PATH="$host" OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1 \
