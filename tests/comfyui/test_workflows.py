@@ -373,3 +373,26 @@ def test_the_composed_workflow_keeps_every_nodes_effect(server: Server, object_i
         without = final_latent(server, bypassed(graph, node_id, object_info), f"without_{kind}")
         difference = float((full - without).abs().max())
         assert difference > COMPOSED_EFFECT, f"{kind} has no effect in the composed workflow ({difference:.1e})"
+
+
+def test_an_error_while_sampling_names_the_nodes_title_and_id(server: Server) -> None:
+    """The host hands the node its id and the graph (with titles): an error raised inside the sampler names both."""
+    graph = {
+        "1": {"class_type": TINY_LOADER, "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house, minecraft style", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house, van gogh style", "clip": ["1", 1]}},
+        "4": {"class_type": "MultiCond_EpsilonBlend", "_meta": {"title": "Blend left/right"},
+              "inputs": {"model": ["1", 0], "first": ["2", 0], "second": ["3", 0], "profile": "sigmoid",
+                         "direction": "left to right", "angle": 0.0, "center": 0.5, "sharpness": 20.0,
+                         "ramp_width": 1.0, "weighting": "complementary"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/unwired"}},
+    }
+    entry = wait_for_history(server, queue(server, graph))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = execution_errors(entry)
+    assert "MultiCond_EpsilonBlend 'Blend left/right' (#4): input 'positive': the sampler's positive is not this " \
+           "node's positive output" in error["exception_message"], error
