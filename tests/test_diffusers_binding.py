@@ -17,6 +17,7 @@ from multicond.core.diffusers_binding import (StyleAlignedProcessor, install_sty
 from multicond.core.layers import SD1, SDXL, LayerSelection
 from multicond.core.style import StyleAlignedArgs
 
+from .conftest import assert_close_scaled
 from .paper_style_aligned import paper_shared_names, paper_unet
 
 FAMILIES = ("sd1", "sdxl")
@@ -71,7 +72,8 @@ def test_unet_output_equals_the_paper_formulation(unet: UNet2DConditionModel, na
     plain = run_unet(unet)
     with install_style_aligned(unet, args):
         ours = run_unet(unet)
-    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    # rel 1e-4: another formulation (explicit logits, 2N keys) through the whole UNet, not only another order.
+    assert_close_scaled(ours, expected, rel=1e-4)
     assert (ours - plain).abs().max() > 1e-3, "the settings must change the output, or the comparison proves nothing"
 
 
@@ -80,7 +82,8 @@ def test_reference_rows_keep_their_plain_output(unet: UNet2DConditionModel) -> N
     with install_style_aligned(unet, StyleAlignedArgs(shared_score_shift=math.log(2), shared_score_scale=0.5)):
         ours = run_unet(unet)
     references = [0, ROWS]
-    torch.testing.assert_close(ours[references], plain[references], atol=2e-5, rtol=1e-4)
+    # Not bitwise: the reference rows take the shared attention and GroupNorm paths (joined with themselves).
+    assert_close_scaled(ours[references], plain[references], rel=1e-4)
     targets = [r for r in range(2 * ROWS) if r not in references]
     assert (ours[targets] - plain[targets]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
@@ -90,7 +93,7 @@ def test_reference_index_and_chunk_count_move_the_reference(unet: UNet2DConditio
     plain = run_unet(unet)
     with install_style_aligned(unet, StyleAlignedArgs(), chunks=3, reference_index=1):
         ours = run_unet(unet)
-    torch.testing.assert_close(ours[[1, 3, 5]], plain[[1, 3, 5]], atol=2e-5, rtol=1e-4)
+    assert_close_scaled(ours[[1, 3, 5]], plain[[1, 3, 5]], rel=1e-4)
     assert (ours[[0, 2, 4]] - plain[[0, 2, 4]]).abs().max() > 1e-3
 
 

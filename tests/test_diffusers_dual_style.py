@@ -11,18 +11,26 @@ import torch
 from diffusers import StableDiffusionPipeline, Transformer2DModel
 from PIL import Image
 
-from multicond.core.blend import Profile, profile_weights
+import multicond.core.blend as core_blend
+import multicond.core.diffusers_binding.dual_style as dual_style
+from multicond.core.blend import Profile, blend, profile_weights
 from multicond.core.diffusers_binding import (DualContextProcessor, generate_dual_style, install_cross_attention_blend,
                                               install_epsilon_blend, tiny_pipeline, unet_layout)
 from multicond.core.diffusers_binding.cli import main
 from multicond.core.diffusers_binding.pipeline import cfg_unet_inputs, initial_latents
 from multicond.core.layers import LayerSelection, select_evenly_spaced
 
+from .conftest import assert_close_scaled
+
 FIRST, SECOND = "a house in a minecraft style", "a house in a van gogh style"
 BLENDS = ("epsilon", "cross-attention")
 INSTALL = {"epsilon": install_epsilon_blend, "cross-attention": install_cross_attention_blend}
 STEPS = 3
 GUIDANCE = 7.5
+# A blend's UNet batch (epsilon: 3 rows) or context (cross-attention: both prompts' tokens) has another shape than
+# plain sampling's, which a CPU may round differently (~1e-6 per UNet call, by kernel and thread count); CFG and
+# the steps amplify it. Against plain sampling the images are equal up to that, not bit for bit.
+SAMPLED = GUIDANCE * STEPS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -67,24 +75,36 @@ def plain_second_tokens(pipe: StableDiffusionPipeline, width: int) -> torch.Tens
 
 @pytest.mark.parametrize("method", BLENDS)
 @pytest.mark.parametrize("value", [1.0, 0.0])
-def test_a_constant_mask_gives_that_prompts_plain_image(pipe: StableDiffusionPipeline, method: str,
-                                                        value: float) -> None:
-    """Exact (torch.equal): at weight 1 (0) torch.lerp returns that end bit for bit, and on the CPU each UNet
-    row and each attention row is computed independently of the batch and of the other context's tokens."""
+def test_a_constant_mask_gives_that_prompts_plain_image(pipe: StableDiffusionPipeline, method: str, value: float,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each blend returns its end bit for bit (torch.equal: at weight 1 (0) torch.lerp returns that end), so the
+    image is that prompt's plain one, up to the rounding of the blend's other UNet shapes (SAMPLED)."""
+    exact: list[bool] = []
+
+    def spy(first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = blend(first, second, weight)
+        exact.append(torch.equal(out, first if value == 1.0 else second))
+        return out
+
+    monkeypatch.setattr(dual_style, "blend", spy)  # the epsilon blend's
+    monkeypatch.setattr(core_blend, "blend", spy)  # dual_context_attention's
     mask = torch.full((1, 8, 12), value)
     blended = sample(pipe, method, mask, width=96)
+    assert exact and all(exact)
     if value == 1.0:
         expected = sample(pipe, "plain-first", width=96)
     else:
         expected = sample(pipe, "plain-second", width=96) if method == "epsilon" else plain_second_tokens(pipe, 96)
-    assert torch.equal(blended, expected)
-    assert not torch.equal(sample(pipe, "plain-first", width=96), sample(pipe, "plain-second", width=96))
+    assert_close_scaled(blended, expected, amplification=SAMPLED)
+    assert (sample(pipe, "plain-first", width=96) - sample(pipe, "plain-second", width=96)).abs().max() > 0.1
 
 
 def test_cross_attention_with_the_second_prompt_equal_to_the_first_is_plain(pipe: StableDiffusionPipeline) -> None:
-    """Exact (torch.equal): both contexts give the same attention output, and lerp of equal ends is that end."""
-    assert torch.equal(sample(pipe, "cross-attention", second=FIRST), sample(pipe, "plain-first"))
-    assert not torch.equal(sample(pipe, "cross-attention"), sample(pipe, "plain-first"))
+    """Both contexts give the same attention output, and lerp of equal ends is that end; the context is twice
+    as long as plain sampling's, hence SAMPLED rather than bit for bit."""
+    assert_close_scaled(sample(pipe, "cross-attention", second=FIRST), sample(pipe, "plain-first"),
+                        amplification=SAMPLED)
+    assert (sample(pipe, "cross-attention") - sample(pipe, "plain-first")).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("angle, near_first", [(0.0, "left"), (180.0, "right")])
@@ -128,18 +148,20 @@ def test_an_epsilon_step_is_the_originals_blend_of_two_cfg_predictions(pipe: Sta
     if profile == Profile():
         # The original: x_lin = linspace(1, 0, W), mask = sigmoid(20 (x_lin - 1/2)) per column.
         mask = torch.sigmoid(20 * (torch.linspace(1, 0, width // 8) - 0.5)).expand(height // 8, -1)
-        torch.testing.assert_close(profile_weights(profile, height // 8, width // 8), mask, atol=1e-6, rtol=0)
+        assert_close_scaled(profile_weights(profile, height // 8, width // 8), mask)  # two sigmoid formulas
     else:
         mask = profile_weights(profile, height // 8, width // 8)
     original = mask * guided[FIRST] + (1 - mask) * guided[SECOND]
 
     uncond, blended = outputs[0].chunk(2)
     ours = uncond + GUIDANCE * (blended - uncond)
-    # Not bitwise: blending before CFG is the same sum in another order (core.blend.blend's identity).
-    torch.testing.assert_close(ours, original, atol=2e-6, rtol=1e-6)
+    # Not bitwise: blending before CFG is the same sum in another order (core.blend.blend's identity), and the
+    # 3-row UNet call rounds otherwise than the two 2-row ones (uncond row included); CFG multiplies that.
+    assert_close_scaled(ours, original, amplification=GUIDANCE)
     pipe.scheduler.set_timesteps(1)
     expected = pipe.scheduler.step(original, timestep, latents).prev_sample
-    torch.testing.assert_close(stepped, expected, atol=2e-6, rtol=1e-6)
+    # The step scales the noise by ~0.01: the latent's own magnitude sets the rounding.
+    assert_close_scaled(stepped, expected)
 
 
 # ---------------------------------------------------------------- cross-attention: per-layer weights
@@ -168,8 +190,7 @@ def test_each_cross_attention_layer_uses_the_originals_column_weights_at_its_own
         grids.add((height_, width_))
         original = 1 - torch.sigmoid(30 * (torch.linspace(0, 1, width_) - 0.5))
         assert processor.last_weight.shape == (1, height_ * width_, 1)
-        torch.testing.assert_close(processor.last_weight.reshape(height_, width_), original.expand(height_, -1),
-                                   atol=1e-6, rtol=0)
+        assert_close_scaled(processor.last_weight.reshape(height_, width_), original.expand(height_, -1))
     assert len(grids) >= 2  # several resolutions
     if width != 64:
         assert all(h != w for h, w in grids)  # and none square: sqrt(N) would have failed
@@ -201,9 +222,12 @@ def test_a_layer_selection_blends_only_its_layers(pipe: StableDiffusionPipeline)
     assert 0 < len(expected) < len(handle.processors)
     assert {path for path, p in handle.processors.items() if p.active()} == expected
     assert all((p.last_weight is not None) == p.active() for p in handle.processors.values())
-    # No layer selected: every layer attends to the first prompt only, i.e. plain sampling.
+    # No layer selected: every layer attends to the first prompt only. Bit for bit what an all-ones mask gives (the
+    # same kernels on the same shapes), and plain sampling up to its shorter context (SAMPLED).
     none = LayerSelection(layout.family, frozenset())
-    assert torch.equal(sample(pipe, "cross-attention", layers=none), sample(pipe, "plain-first"))
+    unblended = sample(pipe, "cross-attention", layers=none)
+    assert torch.equal(unblended, sample(pipe, "cross-attention", torch.ones(1, 8, 8)))
+    assert_close_scaled(unblended, sample(pipe, "plain-first"), amplification=SAMPLED)
 
 
 def test_a_graded_selection_is_followed_per_timestep(pipe: StableDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,7 +336,8 @@ def test_cli_white_mask_gives_the_first_prompts_image(tmp_path: Path, capsys: py
         out = tmp_path / method
         blended, first, _ = run_cli(capsys, "--out", str(out), "--method", method, "--mask", str(mask), "--compare")
         assert blended.name == f"{method}-mask.png"
-        assert np.array_equal(png(blended), png(first))
+        # Equal latents up to the blend's other UNet shapes (SAMPLED); 8-bit rounding may tip a level.
+        assert np.abs(png(blended) - png(first)).max() <= 1
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -21,9 +21,12 @@ from multicond.core.diffusers_binding.pipeline import cfg_unet_inputs
 from multicond.core.inversion import pinned_step
 from multicond.core.style import StyleAlignedArgs
 
+from .conftest import assert_close_scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat, in watercolor style", "a dog, in watercolor style", "a bird, in watercolor style"]
 STEPS = 5
+GUIDANCE = 7.5  # generate's default
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -50,7 +53,8 @@ def test_reference_image_is_its_solo_generation_and_targets_change(pipe: StableD
     shared = generate(pipe, PROMPTS, args, steps=STEPS, output_type="np")
     alone = generate(pipe, PROMPTS[:1], None, steps=STEPS, output_type="np")
     plain = generate(pipe, PROMPTS, None, steps=STEPS, output_type="np")
-    np.testing.assert_allclose(shared[0], alone[0], atol=1e-4)
+    # Another UNet batch (6 rows, not 2) rounds otherwise by CPU and thread count; CFG and the steps amplify it.
+    assert_close_scaled(shared[0], alone[0], amplification=GUIDANCE * STEPS)
     assert min(np.abs(shared[i] - plain[i]).mean() for i in (1, 2)) > 1e-3
     assert not any(isinstance(p, StyleAlignedProcessor) for p in pipe.unet.attn_processors.values())
 
@@ -59,7 +63,7 @@ def test_each_image_noise_is_independent_of_the_batch(pipe: StableDiffusionPipel
     """Image i gets the noise of seed + i: the plain reference is the same alone or in a batch."""
     batch = generate(pipe, PROMPTS, None, steps=2, output_type="latent")
     alone = generate(pipe, PROMPTS[:1], None, steps=2, output_type="latent", seed=0)
-    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-4)
+    assert_close_scaled(batch[0], alone[0], amplification=GUIDANCE * 2)  # 6 UNet rows vs 2, over 2 guided steps
 
 
 # ---------------------------------------------------------------- (e) inversion

@@ -18,6 +18,8 @@ from multicond.core.diffusers_binding.cli import main
 from multicond.core.diffusers_binding.pipeline import row_generators
 from multicond.core.spatial import BALANCE, PRESENCE, SpatialSettings, guidance_layers
 
+from .conftest import assert_close_scaled
+
 PROMPT = "a cat to the left of a dog"
 GUIDANCE = 7.5
 
@@ -123,7 +125,7 @@ def test_each_image_gets_its_own_gradient(pipe: StableDiffusionPipeline) -> None
         for row in range(2):
             loss, alone = loss_and_gradient(single, x[row:row + 1], t)
             torch.testing.assert_close(both_loss[row:row + 1], loss, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(both[row:row + 1], alone, rtol=1e-4, atol=1e-9)
+            assert_close_scaled(both[row:row + 1], alone, rel=1e-4)  # a gradient, through a batch of 2 vs 1
     assert not torch.allclose(both[0], both[1])
 
 
@@ -149,7 +151,8 @@ def test_a_guided_prediction_is_cfg_plus_the_weighted_gradient(pipe: StableDiffu
         plain, _ = guidance.plain(x, t)
         expected_loss, grad = loss_and_gradient(guidance, x, t)
     torch.testing.assert_close(loss, expected_loss)
-    torch.testing.assert_close(noise, plain + settings.weight * grad, rtol=1e-4, atol=1e-5)
+    # guided runs the uncond and cond halves as separate calls, plain as one: CFG amplifies their rounding.
+    assert_close_scaled(noise, plain + settings.weight * grad, amplification=GUIDANCE)
     assert all(not layer.probs.requires_grad for layer in layers)
     assert all(parameter.requires_grad for parameter in pipe.unet.parameters()), "the flags are back"
     assert all(parameter.grad is None for parameter in pipe.unet.parameters()), "no weight got a gradient"
