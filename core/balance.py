@@ -274,7 +274,8 @@ def graded_selection(grading: Grading, count: int, label: str = "") -> LayerSele
         schedule[timestep] = {layer: frozenset(f for f, picked in chosen.items() if layer in picked)
                               | ({"share"} if layer in shared else set()) for layer in layers}
     every = frozenset(layer for by_layer in schedule.values() for layer in by_layer)
-    return LayerSelection(grading.family, every, label or f"{grading.name} top {count}", schedule)
+    return LayerSelection(grading.family, every, label or f"{grading.name} top {count}", schedule,
+                          graded_values="v" in grading.grades)
 
 
 # ---------------------------------------------------------------- producing a grading

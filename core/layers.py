@@ -148,6 +148,7 @@ class LayerSelection:
     label: str = ""
     schedule: dict[int, dict[LayerId, frozenset[str]]] | None = field(default=None, compare=False, hash=False)
     lambda_t: float = 0.0  # Conditional Balance: a ControlNet's down residuals are dropped below t = lambda_t * 1000
+    graded_values: bool = False  # built from a grading that holds v: its v choice turns AdaIN on values on
 
     @property
     def per_timestep(self) -> bool:

@@ -217,15 +217,16 @@ def guidance_layers(layout: UNetLayout) -> dict[LayerId, str]:
     SD1.x/2.x: the first transformer block of every attention in the two coarsest decoder levels with
     attention (up_blocks.1 and .2, 16x16 and 32x32 at 512 px). SDXL: transformer blocks 1-3 of the
     second attention of the coarsest decoder level (up_blocks.0.attentions.1, 32x32 at 1024 px).
-    The coarsest of these levels gets the presence term, finer ones the balance term; the original
-    decides by the substring "blocks.1", which on SDXL matches transformer_blocks.1 alone.
+    Roles as the original, which gives the presence term to layers whose name holds "blocks.1"
+    (InfSplign `self_guide_batch.py:278`): on SD1.x/2.x the coarser level (up_blocks.1), on SDXL
+    transformer_blocks.1 alone; every other guided layer gets the balance term.
     """
     levels = [level for level in reversed(range(len(layout.depths))) if layout.depths[level]]
     if layout.family == "sdxl":
         level = levels[0]
         layers = [layer for layer in layout.level_layers(level, "output")
                   if layer.number == layout.level_layers(level, "output")[0].number + 1 and 1 <= layer.depth <= 3]
-        return dict.fromkeys(layers, PRESENCE)
+        return {layer: PRESENCE if layer.depth == 1 else BALANCE for layer in layers}
     chosen: dict[LayerId, str] = {}
     for rank, level in enumerate(levels[:2]):
         for layer in layout.level_layers(level, "output"):

@@ -74,12 +74,16 @@ class ShareSettings:
     full_attention: bool = False
 
 
-def allowed_adain(settings: AdaINSettings | None, allowed: frozenset[str]) -> AdaINSettings | None:
-    """AdaIN narrowed to the projections a layer selection allows here (Conditional Balance's q/k/v choice)."""
+def allowed_adain(settings: AdaINSettings | None, allowed: frozenset[str], graded_values: bool = False) -> AdaINSettings | None:
+    """AdaIN narrowed to the projections a layer selection allows here (Conditional Balance's q/k/v choice).
+
+    With a grading that holds v, AdaIN on v follows it whatever `settings.values` says: the original
+    turns it on wherever the v grading picks a layer (`adain_handler_balanced.py:318-335`).
+    """
     if settings is None:
         return None
     narrowed = replace(settings, queries=settings.queries and "q" in allowed, keys=settings.keys and "k" in allowed,
-                       values=settings.values and "v" in allowed)
+                       values=(settings.values or graded_values) and "v" in allowed)
     return narrowed if narrowed.any else None
 
 

@@ -92,7 +92,8 @@ class StylePatch:
     def _adain_at(self, sigma: float) -> AdaINSettings | None:
         if self.adain is None or not self.adain.active(sigma):
             return None
-        return allowed_adain(self.adain.settings, self.adain.features(self.layer, sigma))
+        graded_values = self.adain.selection is not None and self.adain.selection.graded_values
+        return allowed_adain(self.adain.settings, self.adain.features(self.layer, sigma), graded_values)
 
     def _share_at(self, sigma: float) -> ShareSettings | None:
         if self.share is None or not self.share.active(sigma):
@@ -233,7 +234,8 @@ class AdaINStyle(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
                 io.Boolean.Input("queries", default=True, tooltip="AdaIN on the queries (paper: on)."),
                 io.Boolean.Input("keys", default=True, tooltip="AdaIN on the keys (paper: on)."),
-                io.Boolean.Input("values", default=False, tooltip="AdaIN on the values (paper: off)."),
+                io.Boolean.Input("values", default=False, tooltip="AdaIN on the values (paper: off). With a Layer Balance "
+                                 "grading that holds v, the grading decides where, as the original."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 = the paper's AdaIN; lower values move the statistics only part of the way."),
                 *_range_inputs(),

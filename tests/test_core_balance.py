@@ -20,6 +20,7 @@ from multicond.core.balance import (Grading, check_grading, graded_selection, gr
                           style_layer_count, token_statistics, trimmed_mean)
 from multicond.core.errors import InputError
 from multicond.core.layers import SD1, SDXL
+from multicond.core.style import AdaINSettings, allowed_adain
 
 # The project's shared/ folder sits beside the checkout (and beside CI's clone).
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conditional-balance"
@@ -317,3 +318,16 @@ def test_graded_selection_follows_the_handler_per_timestep():
             expected = {f for f in "qkv" if layer in chosen[f]} | ({"share"} if layer in chosen["q"] | chosen["k"] else set())
             assert selection.features(layer, probe) == expected
     assert selection.layers == frozenset(layer for t in (981, 501, 1) for f in "qkv" for layer in select_at(grading, t, 2)[f])
+
+
+def test_a_grading_with_v_decides_adain_on_values():
+    """The original applies AdaIN to v wherever its v grading picks a layer (adain_handler_balanced.py:318-335)."""
+    g = torch.Generator().manual_seed(8)
+    grades = {f: torch.rand(2, 6, generator=g, dtype=torch.float64) for f in "qkv"}
+    with_v = graded_selection(Grading("sdxl", SDXL.layers[:6], (981, 1), grades, "v"), 2)
+    without_v = graded_selection(Grading("sdxl", SDXL.layers[:6], (981, 1), {f: grades[f] for f in "qk"}, "qk"), 2)
+    assert with_v.graded_values and not without_v.graded_values
+    off = AdaINSettings(queries=True, keys=True, values=False)
+    assert allowed_adain(off, frozenset({"q", "v"}), with_v.graded_values) == AdaINSettings(True, False, True)
+    assert allowed_adain(off, frozenset({"q", "v"}), without_v.graded_values) == AdaINSettings(True, False, False)
+    assert allowed_adain(off, frozenset({"k"}), with_v.graded_values) == AdaINSettings(False, True, False)

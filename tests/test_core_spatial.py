@@ -63,14 +63,15 @@ def test_other_phi_and_bad_settings():
         SpatialSettings(phi="tanh")
 
 
-def test_layer_roles_by_resolution():
+def test_layer_roles_as_the_original():
     sd1 = guidance_layers(SD1)
     assert sd1 == {**{LayerId("output", n, 0): PRESENCE for n in (3, 4, 5)},
                    **{LayerId("output", n, 0): BALANCE for n in (6, 7, 8)}}
     assert [SD1.diffusers_path(layer) for layer in sd1][:2] == ["up_blocks.1.attentions.0.transformer_blocks.0.attn1",
                                                               "up_blocks.1.attentions.1.transformer_blocks.0.attn1"]
     sdxl = guidance_layers(SDXL)
-    assert sdxl == {LayerId("output", 1, d): PRESENCE for d in (1, 2, 3)}
+    # The original matches "blocks.1" (self_guide_batch.py:278): transformer_blocks.1 presence, .2 and .3 balance.
+    assert sdxl == {LayerId("output", 1, 1): PRESENCE, LayerId("output", 1, 2): BALANCE, LayerId("output", 1, 3): BALANCE}
     assert SDXL.diffusers_path(LayerId("output", 1, 1)) == "up_blocks.0.attentions.1.transformer_blocks.1.attn1"
 
 

@@ -124,7 +124,7 @@ class StyleAlignedProcessor:
         adain, share = self.adain, self.share
         if self.selection is not None:
             allowed = self.selection.features(self.layer, self.clock.timestep if self.clock else 0.0)
-            adain, share = allowed_adain(adain, allowed), allowed_share(share, allowed)
+            adain, share = allowed_adain(adain, allowed, self.selection.graded_values), allowed_share(share, allowed)
         out = style_attention(query, key, value, attn.heads, layout, adain, share)
         return attention_output(attn, out, hidden_states, shape, query.dtype)
 

@@ -24,6 +24,11 @@ from .test_style_nodes import adain, shared  # noqa: E402
 TIMESTEPS = (999, 750, 500, 250, 0)
 
 
+def means_equal(target: torch.Tensor, reference: torch.Tensor) -> bool:
+    """AdaIN moved the target's per-channel means onto the reference's, up to float32 rounding of their scale."""
+    return bool(((target - reference).abs().max() <= 1e-5 * reference.abs().max().clamp_min(1.0)).item())
+
+
 def balance(model, **overrides):
     inputs = dict(source="grading", grading=NO_GRADING, lambda_s=0.43, preset="all layers", only_self_level=0.0,
                   blocks="output.1")
@@ -54,7 +59,7 @@ def test_each_step_shares_and_normalises_exactly_the_graded_layers(grading_file)
         rows = q.shape[0] // len(extra_options["cond_or_uncond"])
         means = q.mean(dim=1)
         seen.append((extra_options["block"], extra_options["block_index"], float(extra_options["sigmas"].max()),
-                     k.shape[1] // q.shape[1] == 2, torch.allclose(means[1], means[0], atol=1e-5) and rows > 1))
+                     k.shape[1] // q.shape[1] == 2, means_equal(means[1], means[0]) and rows > 1))
         return plain_attention(q, k, v, extra_options)
 
     base = model.clone()
@@ -156,3 +161,38 @@ def test_every_scheduler_step_takes_the_nearest_graded_timestep(grading_file, sc
         timestep = float(sampling.timestep(torch.tensor(sigma)))
         nearest = min(TIMESTEPS, key=lambda t: (abs(t - timestep), -t))
         assert patch.share.features(patch.layer, sigma) == selection.schedule[nearest].get(patch.layer, frozenset())
+
+
+def test_a_grading_with_v_turns_adain_on_values_on_where_it_picks(tmp_path):
+    """The original applies AdaIN to v on the v-graded layers whenever the v grading is loaded
+    (conditional-balance `handlers/adain_handler_balanced.py:318-335`): no second switch."""
+    model = tiny.build("sd15")
+    layout = model_layout(model, "test")
+    g = torch.Generator().manual_seed(12)
+    grading = Grading("sd1", layout.layers, TIMESTEPS, {f: torch.rand(len(TIMESTEPS), len(layout.layers), generator=g,
+                                                                       dtype=torch.float64) for f in "qkv"}, "tiny_v")
+    save_grading(grading, tmp_path / "tiny_grading_v.json")
+    folder_paths.add_model_folder_path(GRADINGS, str(tmp_path))
+    try:
+        selection = balance(model, grading="tiny_grading_v.json", lambda_s=3.0)
+    finally:
+        folder_paths.folder_names_and_paths[GRADINGS][0].remove(str(tmp_path))
+    seen: list[tuple] = []
+
+    def recording(q, k, v, extra_options):
+        means = v.mean(dim=1)  # AdaIN on v moves each target's value means onto the reference's
+        seen.append((extra_options["block"], extra_options["block_index"], float(extra_options["sigmas"].max()),
+                     means_equal(means[1], means[0])))
+        return plain_attention(q, k, v, extra_options)
+
+    base = model.clone()
+    for layer in layout.layers:
+        base.set_model_attn1_replace(recording, *layer.comfy_key)
+    default = adain(base, layers=selection)  # AdaIN Style's values input at its default, off
+    out = tiny.sample(default, "sd15", batch=3, steps=4)
+    sampling = model.get_model_object("model_sampling")
+    assert any(normalised for *_, normalised in seen)
+    for block, depth, sigma, normalised in seen:
+        timestep = float(sampling.timestep(torch.tensor(sigma)))
+        assert normalised == (LayerId(block[0], block[1], depth) in select_at(grading, timestep, 3)["v"])
+    assert torch.equal(out, tiny.sample(adain(base, values=True, layers=selection), "sd15", batch=3, steps=4))

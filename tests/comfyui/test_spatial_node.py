@@ -20,6 +20,7 @@ from multicond.core.layers import LayerId  # noqa: E402
 from multicond.core.spatial import BALANCE, PRESENCE  # noqa: E402
 from multicond.nodes.spatial import FROM_PROMPT, MapRecorder, SpatialGuidance, prompt_tokens  # noqa: E402
 
+from ..conftest import assert_close_scaled  # noqa: E402
 from . import tiny  # noqa: E402
 from .tiny_pack import TinyCheckpoint  # noqa: E402
 
@@ -74,8 +75,9 @@ def test_inference_weights_give_the_same_guidance_as_ordinary_weights():
     negative = negative_of(clip)
     patched, positive = guided(model, clip)
     reference, _ = guided(ordinary, clip)
-    torch.testing.assert_close(run(patched, "sd15", positive, negative), run(reference, "sd15", positive, negative),
-                               atol=1e-5, rtol=0)
+    # autograd through other routes: a gradient step (rel 1e-4) over 3 steps at CFG 5
+    assert_close_scaled(run(patched, "sd15", positive, negative), run(reference, "sd15", positive, negative), rel=1e-4,
+                        amplification=15)
 
 
 def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
@@ -99,8 +101,9 @@ def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
     expected = -sigma * 100000.0 * math.sqrt(1 + sigma**2) * gradient
     expected = model.model.process_latent_out(expected)  # the sampler hands back latents in the VAE's scale
     assert expected.abs().max() > 0.05
-    # the Euler step x + (x - denoised)(0 - sigma)/sigma cancels ~300-sized values: ~3e-3 of float32 noise
-    torch.testing.assert_close(with_weight - without, expected, atol=5e-3, rtol=0)
+    # The Euler step x + (x - denoised)(0 - sigma)/sigma cancels ~300-sized values: float32 rounding of that size
+    # (1e-4 measured), not of the 0.5-sized update.
+    torch.testing.assert_close(with_weight - without, expected, atol=1e-5 * float(with_weight.abs().max()), rtol=0)
 
 
 def test_guided_layers_and_their_roles(kind):
@@ -110,8 +113,9 @@ def test_guided_layers_and_their_roles(kind):
     roles = {LayerId(*key): patch.role for key, patch in slots.items() if isinstance(patch, MapRecorder)}
     if kind == "sd15":  # two decoder levels with attention: the coarser presence, the finer balance
         assert roles == {LayerId("output", n, 0): PRESENCE for n in (0, 1)} | {LayerId("output", n, 0): BALANCE for n in (2, 3)}
-    else:  # the coarsest decoder level's second attention, depths 1 and up (the tiny model has 3)
-        assert roles == {LayerId("output", 1, d): PRESENCE for d in (1, 2)}
+    else:  # the coarsest decoder level's second attention, depths 1 and up (the tiny model has 3): the original's
+        # "blocks.1" match gives transformer_blocks.1 the presence term and later depths the balance term
+        assert roles == {LayerId("output", 1, 1): PRESENCE, LayerId("output", 1, 2): BALANCE}
 
 
 def test_start_and_end_limit_the_guided_steps(monkeypatch):
