@@ -7,9 +7,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+
+try:
+    import numpy as np
+    import torch
+except ModuleNotFoundError as error:  # a ComfyUI host's Python without its requirements, say
+    pytest.exit(f"the Python running the tests ({sys.executable}) lacks the package {error.name!r}: use the project "
+                f"venv (scripts/test.sh makes it) or, for the ComfyUI tier, a host venv (scripts/host_venv.sh)",
+                returncode=4)
 
 ROOT = Path(__file__).resolve().parents[1]
 
