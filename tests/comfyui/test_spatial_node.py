@@ -206,3 +206,20 @@ def test_a_foreign_attn2_patch_with_inference_tensors_keeps_its_output():
     assert torch.isfinite(steered).all() and (steered - unguided).abs().max() > 1e-2
     off, _ = guided(base, clip, start_percent=1.0, end_percent=1.0)
     assert torch.equal(run(off, "sd15", positive, negative), unguided)
+
+
+def test_a_step_that_fails_after_the_guided_pass_leaves_nothing_for_the_next_run():
+    """The gradient lives only inside one prediction: a failure after the guided pass cannot leak into another run."""
+    model, clip = load("sd15")
+    negative = negative_of(clip)
+    patched, positive = guided(model, clip, weight=100000.0)
+    failing = patched.clone()
+
+    def fail(args):  # runs after the model call (the guided pass) and before CFG and the update
+        raise RuntimeError("a pre-CFG function fails")
+
+    failing.set_model_sampler_pre_cfg_function(fail)
+    with pytest.raises(RuntimeError, match="a pre-CFG function fails"):
+        run(failing, "sd15", positive, negative, seed=3)
+    fresh, _ = guided(model, clip, weight=100000.0)
+    assert torch.equal(run(patched, "sd15", positive, negative, seed=5), run(fresh, "sd15", positive, negative, seed=5))
