@@ -274,8 +274,9 @@ def graded_selection(grading: Grading, count: int, label: str = "") -> LayerSele
         schedule[timestep] = {layer: frozenset(f for f, picked in chosen.items() if layer in picked)
                               | ({"share"} if layer in shared else set()) for layer in layers}
     every = frozenset(layer for by_layer in schedule.values() for layer in by_layer)
+    # Conditional Balance never shares GroupNorm (the handler's FALSE_SA_ARGS, handlers/__init__.py:10).
     return LayerSelection(grading.family, every, label or f"{grading.name} top {count}", schedule,
-                          graded_values="v" in grading.grades)
+                          graded_values="v" in grading.grades, group_norm=False)
 
 
 # ---------------------------------------------------------------- producing a grading

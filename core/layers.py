@@ -149,6 +149,11 @@ class LayerSelection:
     schedule: dict[int, dict[LayerId, frozenset[str]]] | None = field(default=None, compare=False, hash=False)
     lambda_t: float = 0.0  # Conditional Balance: a ControlNet's down residuals are dropped below t = lambda_t * 1000
     graded_values: bool = False  # built from a grading that holds v: its v choice turns AdaIN on values on
+    group_norm: bool | None = None  # shared GroupNorm with this selection; None: as the style node's own setting
+
+    def shares_group_norm(self, requested: bool) -> bool:
+        """Whether GroupNorm is shared when the style node asks for `requested`."""
+        return requested if self.group_norm is None else self.group_norm
 
     @property
     def per_timestep(self) -> bool:

@@ -26,6 +26,7 @@ LAYER_BALANCE = "MultiCond_LayerBalance"
 GRADINGS = "multicond_gradings"  # models/multicond_gradings/: where users put grading files
 NO_GRADING = "none"
 SOURCES = ("grading", "preset", "blocks")
+GROUP_NORM = {"as the method": None, "shared": True, "not shared": False}  # None: a grading off, others as Shared Attention
 PRESETS = ("all layers", "style blocks (IPAdapter)", "composition blocks (IPAdapter)", "evenly spaced (only_self_level)")
 # IPAdapter's "style transfer" / "composition" weight types (InstantStyle's blocks), in ComfyUI block numbers;
 # SD1.5's composition weights input.7 at a quarter and input.8 fully: both are selected here.
@@ -91,6 +92,10 @@ class LayerBalance(io.ComfyNode):
                                tooltip="With a ControlNet: below timestep lambda_t*1000 its down-block residuals are "
                                        "dropped (the mid-block one kept), freeing the geometry late in sampling "
                                        "(paper: 0.85; 0 keeps the ControlNet throughout). Needs Shared Attention."),
+                io.Combo.Input("group_norm", options=list(GROUP_NORM), default="as the method",
+                               tooltip="Shared GroupNorm with this selection. 'as the method': from a grading off "
+                                       "(Conditional Balance never shares it), with a preset or blocks as Shared "
+                                       "Attention's share_group_norm says; 'shared' / 'not shared' decide."),
             ],
             outputs=[LayerSelectionInput.Output(display_name="layers",
                                                 tooltip="The layer selection, for the layers input of Shared "
@@ -102,7 +107,7 @@ class LayerBalance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Any, source: str, grading: str, lambda_s: float, preset: str, only_self_level: float,
-                blocks: str, lambda_t: float = 0.85) -> io.NodeOutput:
+                blocks: str, lambda_t: float = 0.85, group_norm: str = "as the method") -> io.NodeOutput:
         label = node_label(cls, LAYER_BALANCE)
         check_widgets(cls, label, locals())
         layout = model_layout(model, label)
@@ -114,4 +119,6 @@ class LayerBalance(io.ComfyNode):
             selection = select_blocks(layout, blocks, LAYER_BALANCE, "blocks")
         columns = sorted(selection.schedule, reverse=True) if selection.per_timestep else ddim_timesteps(50)
         preview = selection_chart(selection, layout.layers, columns).unsqueeze(0)
-        return io.NodeOutput(replace(selection, lambda_t=lambda_t), preview)
+        chosen = GROUP_NORM[group_norm]
+        return io.NodeOutput(replace(selection, lambda_t=lambda_t, **({} if chosen is None else {"group_norm": chosen})),
+                             preview)

@@ -190,7 +190,8 @@ class SharedAttention(io.ComfyNode):
                                  tooltip="Instead: all images of the batch attend to each other jointly (no AdaIN)."),
                 io.Boolean.Input("share_group_norm", default=True,
                                  tooltip="GroupNorm statistics include the reference's features (paper default; "
-                                         "its SDXL demo turns it off)."),
+                                         "its SDXL demo turns it off). With a Layer Balance selection, its group_norm "
+                                         "input decides (from a grading: off, as Conditional Balance)."),
                 io.Boolean.Input("zero_reference_control", default=True,
                                  tooltip="With a ControlNet or T2I-Adapter, the reference image gets no control "
                                          "(as the paper's ControlNet variant)."),
@@ -214,8 +215,9 @@ class SharedAttention(io.ComfyNode):
         stage = Stage(label, settings, high, low, reference_index)
         patched = install_stage(model, "share", stage, layers) if share_attention or full_attention_share else model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY)
+        group_norm = share_group_norm if layers is None else layers.shares_group_norm(share_group_norm)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY,
-                                     StyleBatchWrapper(replace(stage, selection=layers), share_group_norm, zero_reference_control))
+                                     StyleBatchWrapper(replace(stage, selection=layers), group_norm, zero_reference_control))
         return io.NodeOutput(patched)
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from multicond.core.balance import (Grading, check_grading, graded_selection, gr
                           nearest_timestep, restricted_unpickle, save_grading, select_at, shared_at,
                           style_layer_count, token_statistics, trimmed_mean)
 from multicond.core.errors import InputError
-from multicond.core.layers import SD1, SDXL
+from multicond.core.layers import SD1, SDXL, LayerSelection
 from multicond.core.style import AdaINSettings, allowed_adain
 
 # The project's shared/ folder sits beside the checkout (and beside CI's clone).
@@ -331,3 +332,14 @@ def test_a_grading_with_v_decides_adain_on_values():
     assert allowed_adain(off, frozenset({"q", "v"}), with_v.graded_values) == AdaINSettings(True, False, True)
     assert allowed_adain(off, frozenset({"q", "v"}), without_v.graded_values) == AdaINSettings(True, False, False)
     assert allowed_adain(off, frozenset({"k"}), with_v.graded_values) == AdaINSettings(False, True, False)
+
+
+def test_a_graded_selection_shares_no_group_norm_unless_told():
+    """Conditional Balance never shares GroupNorm (FALSE_SA_ARGS, conditional-balance handlers/__init__.py:10)."""
+    g = torch.Generator().manual_seed(9)
+    grades = {f: torch.rand(2, 6, generator=g, dtype=torch.float64) for f in "qk"}
+    graded = graded_selection(Grading("sdxl", SDXL.layers[:6], (981, 1), grades, "g"), 2)
+    assert not graded.shares_group_norm(True) and not graded.shares_group_norm(False)
+    assert replace(graded, group_norm=True).shares_group_norm(False)
+    blocks = LayerSelection("sdxl", frozenset(SDXL.layers[:2]), "two")
+    assert blocks.shares_group_norm(True) and not blocks.shares_group_norm(False)

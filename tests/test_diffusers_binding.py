@@ -6,6 +6,7 @@ The binding must give the same outputs as the paper's formulation (`paper_style_
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -191,3 +192,17 @@ def test_a_per_timestep_selection_follows_the_unet_timestep(unet: UNet2DConditio
         assert torch.equal(per_step, static)
     assert not torch.allclose(per_step, plain)
     assert torch.equal(run_unet(unet, timestep=51), plain)  # the clock hook went with the handle
+
+
+def test_a_graded_selection_shares_no_group_norm(unet: UNet2DConditionModel) -> None:
+    """Conditional Balance never shares GroupNorm (FALSE_SA_ARGS): the paper defaults plus a grading equal no sharing."""
+    layout = unet_layout(unet)
+    schedule = {900: {layer: frozenset({"q", "k", "share"}) for layer in layout.layers[:3]}}
+    graded = LayerSelection(layout.family, frozenset(layout.layers[:3]), schedule=schedule, group_norm=False)
+    with install_style_aligned(unet, StyleAlignedArgs(), layers=graded):
+        defaults = run_unet(unet, timestep=951)
+    with install_style_aligned(unet, StyleAlignedArgs(share_group_norm=False), layers=graded):
+        without = run_unet(unet, timestep=951)
+    with install_style_aligned(unet, StyleAlignedArgs(), layers=replace(graded, group_norm=None)):
+        shared = run_unet(unet, timestep=951)
+    assert torch.equal(defaults, without) and not torch.allclose(defaults, shared)

@@ -153,7 +153,8 @@ def install_style_aligned(unet_or_pipeline: Any, args: StyleAlignedArgs = StyleA
     `chunks` equal chunks make up each UNet batch (2: diffusers' [uncond, cond] CFG halves, the
     original's `b // 2` rule); the reference image is row `reference_index` of every chunk.
     `layers` replaces `args.only_self_level` with a layer selection; one made from a grading
-    (`core.balance.graded_selection`, Conditional Balance) is followed per UNet timestep.
+    (`core.balance.graded_selection`, Conditional Balance) is followed per UNet timestep and shares no
+    GroupNorm unless its `group_norm` says so.
     """
     unet = unet_of(unet_or_pipeline)
     if any(isinstance(p, StyleAlignedProcessor) for p in unet.attn_processors.values()):
@@ -176,7 +177,7 @@ def install_style_aligned(unet_or_pipeline: Any, args: StyleAlignedArgs = StyleA
         unet.get_submodule(path).set_processor(processor)
     if clock is not None:
         handle.hooks.append(unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
-    if args.share_group_norm:
+    if args.share_group_norm if layers is None else layers.shares_group_norm(args.share_group_norm):
         norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
         handle.hooks += attach_shared_norm(norms, _reference_rows(chunks, reference_index))
     # share_layer_norm has no effect: LayerNorm normalises over channels, the reference is stacked along tokens.

@@ -196,3 +196,21 @@ def test_a_grading_with_v_turns_adain_on_values_on_where_it_picks(tmp_path):
         timestep = float(sampling.timestep(torch.tensor(sigma)))
         assert normalised == (LayerId(block[0], block[1], depth) in select_at(grading, timestep, 3)["v"])
     assert torch.equal(out, tiny.sample(adain(base, values=True, layers=selection), "sd15", batch=3, steps=4))
+
+
+def test_a_grading_means_no_shared_group_norm_unless_layer_balance_says_so(grading_file):
+    """Conditional Balance never shares GroupNorm (FALSE_SA_ARGS, conditional-balance handlers/__init__.py:10)."""
+    _, name = grading_file
+    model = tiny.build("sd15")
+
+    def sample(selection, **share):
+        return tiny.sample(adain(shared(model, layers=selection, **share), layers=selection), "sd15", batch=3, steps=2)
+
+    graded = balance(model, grading=name, lambda_s=3.0)
+    assert torch.equal(sample(graded), sample(graded, share_group_norm=False))  # Shared Attention's default: off
+    forced = balance(model, grading=name, lambda_s=3.0, group_norm="shared")
+    assert not torch.equal(sample(forced, share_group_norm=False), sample(graded))
+    preset = balance(model, source="preset")  # not a grading: Shared Attention's own setting decides
+    assert not torch.equal(sample(preset), sample(preset, share_group_norm=False))
+    off = balance(model, source="preset", group_norm="not shared")
+    assert torch.equal(sample(off), sample(off, share_group_norm=False))

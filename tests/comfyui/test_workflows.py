@@ -396,3 +396,11 @@ def test_an_error_while_sampling_names_the_nodes_title_and_id(server: Server) ->
     (error,) = execution_errors(entry)
     assert "MultiCond_EpsilonBlend 'Blend left/right' (#4): input 'positive': the sampler's positive is not this " \
            "node's positive output" in error["exception_message"], error
+
+
+def test_a_workflow_saved_before_an_input_was_appended_still_loads(object_info: dict) -> None:
+    """Layer Balance gained group_norm last: a node saved with the 7 older values takes its default, as the frontend."""
+    node = {"id": 5, "type": "MultiCond_LayerBalance", "mode": 0, "inputs": [],
+            "widgets_values": ["grading", "style_layer_grading", 0.57, "all layers", 0.0, "output.1", 0.85]}
+    graph = ui_to_api({"nodes": [node], "links": []}, object_info)
+    assert graph["5"]["inputs"]["group_norm"] == "as the method" and graph["5"]["inputs"]["lambda_t"] == 0.85

@@ -75,17 +75,18 @@ def widget_default(kind: Any, options: dict) -> Any:
 def widget_inputs(node: dict, info: dict) -> dict[str, Any]:
     """The node's widget values by input name, without frontend-only values.
 
-    A node saved without `widgets_values` (older templates do that) keeps its widgets' defaults.
+    A node saved without `widgets_values` (older templates do that) keeps its widgets' defaults, and so
+    do widgets added after the workflow was saved (the frontend fills values by position): an input
+    appended to a node keeps old workflows loading.
     """
     layout = widget_layout(info)
-    if "widgets_values" not in node:
-        specs = input_specs(info)
-        return {name: widget_default(*specs[name]) for name in layout if name is not SKIP}
-    values = node["widgets_values"]
-    if isinstance(values, dict) or len(values) != len(layout):
+    specs = input_specs(info)
+    values = node.get("widgets_values", [])
+    if isinstance(values, dict) or len(values) > len(layout):
         raise WorkflowError(f"node {node['id']} ({node['type']}): widgets_values {values!r} does not match the "
                             f"{len(layout)} widgets {layout} (None = frontend-only)")
-    return {name: value for name, value in zip(layout, values) if name is not SKIP}
+    given = dict(zip(layout, values))
+    return {name: given[name] if name in given else widget_default(*specs[name]) for name in layout if name is not SKIP}
 
 
 def link_table(workflow: dict) -> dict[int, tuple[int, int]]:
