@@ -229,19 +229,20 @@ def check_grading(grading: Grading, layout: UNetLayout, node: str, input_name: s
 
 
 def style_layer_count(lambda_s: float, total: int, node: str, input_name: str = "lambda_s") -> int:
-    """λ_s in (0, 1] is a fraction of `total` (1 means all layers, as in the original), an integer > 1 a count.
+    """λ_s in [0, 1] is a fraction of `total` (1 means all layers, as in the original), an integer > 1 a count.
 
-    The fraction truncates as the original's `int(lambda_s * 70)`: 0.43 → 30 of 70 (and a tiny λ_s → 0 layers).
+    The fraction truncates as the original's `int(lambda_s * 70)`: 0.43 → 30 of 70, and 0 (or a tiny
+    λ_s) selects no layer, as the original does.
     """
-    if not math.isfinite(lambda_s) or lambda_s <= 0:
-        raise InputError(node, input_name, f"{lambda_s} is not a fraction in (0, 1] or a layer count",
+    if not math.isfinite(lambda_s) or lambda_s < 0:
+        raise InputError(node, input_name, f"{lambda_s} is not a fraction in [0, 1] or a layer count",
                          f"Use e.g. 0.43 (the paper's default, {int(0.43 * total)} of {total} layers) "
                          f"or a count up to {total}.")
     if lambda_s <= 1:
         return int(lambda_s * total)
     if lambda_s != int(lambda_s) or lambda_s > total:
         raise InputError(node, input_name,
-                         f"{lambda_s} is neither a fraction in (0, 1] nor a whole layer count ≤ {total}",
+                         f"{lambda_s} is neither a fraction in [0, 1] nor a whole layer count ≤ {total}",
                          f"Give a fraction such as 0.43 or a whole number of layers from 2 to {total}.")
     return int(lambda_s)
 

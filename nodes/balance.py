@@ -7,6 +7,7 @@ block list typed by the user.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import Any
@@ -54,7 +55,11 @@ def grading_selection(layout: UNetLayout, grading: str, lambda_s: float) -> Laye
                          f"Put a grading file in models/{GRADINGS}/ (see the README), refresh, and pick it.")
     loaded = load_grading(path, LAYER_BALANCE, "grading")
     check_grading(loaded, layout, LAYER_BALANCE)
-    return graded_selection(loaded, style_layer_count(lambda_s, len(layout.layers), LAYER_BALANCE))
+    count = style_layer_count(lambda_s, len(layout.layers), LAYER_BALANCE)
+    if count == 0:  # allowed, as the original; said, since the style nodes then change nothing
+        logging.warning("%s: lambda_s %s selects no layer of %d: no layer carries the style", LAYER_BALANCE, lambda_s,
+                        len(layout.layers))
+    return graded_selection(loaded, count)
 
 
 class LayerBalance(io.ComfyNode):
@@ -78,7 +83,7 @@ class LayerBalance(io.ComfyNode):
                                        "style_layer_grading / style_balance_grading_v, or one this pack computed)."),
                 io.Float.Input("lambda_s", default=0.43, min=0.0, max=1000.0, step=0.01,
                                tooltip="How many layers carry the style: a fraction of the model's self-attention "
-                                       "layers in (0, 1] (paper: 0.43; 0.57 with a ControlNet) or a whole count."),
+                                       "layers in [0, 1] (paper: 0.43; 0.57 with a ControlNet; 0: none) or a whole count."),
                 io.Combo.Input("preset", options=list(PRESETS), default=PRESETS[0],
                                tooltip="With source 'preset': every layer, IPAdapter's style or composition blocks, "
                                        "or StyleAligned's evenly spaced only_self_level choice."),

@@ -203,7 +203,8 @@ def test_style_layer_count() -> None:
     assert style_layer_count(0.57, 70, "N") == 39
     assert style_layer_count(1.0, 70, "N") == 70
     assert style_layer_count(30.0, 70, "N") == 30 and style_layer_count(70, 70, "N") == 70
-    for bad in (0.0, -0.2, 1.5, 30.5, 71.0, float("nan"), float("inf")):
+    assert style_layer_count(0.0, 70, "N") == 0 and style_layer_count(0.01, 70, "N") == 0  # no layer, as the original
+    for bad in (-0.2, 1.5, 30.5, 71.0, float("nan"), float("inf")):
         with pytest.raises(InputError) as info:
             style_layer_count(bad, 70, "LayerBalance")
         assert info.value.input_name == "lambda_s" and "0.43" in info.value.fix

@@ -214,3 +214,13 @@ def test_a_grading_means_no_shared_group_norm_unless_layer_balance_says_so(gradi
     assert not torch.equal(sample(preset), sample(preset, share_group_norm=False))
     off = balance(model, source="preset", group_norm="not shared")
     assert torch.equal(sample(off), sample(off, share_group_norm=False))
+
+
+def test_lambda_s_zero_selects_no_layer_as_the_original(grading_file, caplog):
+    _, name = grading_file
+    model = tiny.build("sd15")
+    with caplog.at_level("WARNING"):
+        nothing = balance(model, grading=name, lambda_s=0.0)
+    assert not nothing.layers and "selects no layer" in caplog.text
+    styled = adain(shared(model, layers=nothing), layers=nothing)
+    assert torch.equal(tiny.sample(styled, "sd15", batch=3, steps=2), tiny.sample(model, "sd15", batch=3, steps=2))
