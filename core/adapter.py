@@ -4,8 +4,10 @@ The adapter's feature maps are multiplied by the mask resized to each map's size
 at inference alike (`mask_features`). Training draws one random box mask per sample
 (`random_box_mask`), cubic timesteps (`cubic_timesteps`) and minimises the paper's
 `PredX0EdgeMSELoss` (`localized_loss`): the noise MSE plus λ(t) times the MSE between the Sobel
-magnitudes of the predicted and the true clean latent inside the mask. `lf_mse` and `diffcc` are
-the paper's local-control metrics on Canny edge maps.
+magnitudes of the predicted and the true clean latent inside the mask. A canny adapter takes the
+1-channel edge map (`expand_condition` repeats it for a 3-channel one). The paper's local-control
+metrics: `lf_mse` and `diffcc` on Canny edge maps, `lf_mse_sobel` on Sobel maps (`sobel_image`).
+A soft mask is read by `mask_sides`: thresholded at 0.5 by default, or the original's way.
 
 Torch and numpy only at import (the ComfyUI nodes import `mask_features`); OpenCV is imported by
 the metric functions that use it.
@@ -23,6 +25,12 @@ import torch.nn.functional as F
 
 EdgeMethod = Literal["constant", "step_unit", "time_unit"]
 EDGE_METHODS: tuple[str, ...] = ("constant", "step_unit", "time_unit")
+SoftMask = Literal["threshold", "original"]
+SOFT_MASKS: tuple[str, ...] = ("threshold", "original")
+ConditionName = Literal["sobel", "canny"]
+CONDITION_NAMES: tuple[str, ...] = ("sobel", "canny")  # the first: the original's evaluation (evaluate_metrics.py:20)
+CONDITION_CHANNELS: tuple[int, ...] = (1, 3)  # a canny adapter's input: the map (adapter_canny.yaml:9), or it repeated
+Map = np.ndarray | torch.Tensor                # an (H, W) edge map, Sobel map or mask: uint8 0..255, or bool/float 0..1
 
 TRAIN_STEPS = 1000
 BOX_MIN_AREA = 10000          # px² at 512x512: the original's `bbox_min_area=10000`
@@ -94,6 +102,17 @@ def mask_features(features: Sequence[torch.Tensor], mask: torch.Tensor, mode: st
         resized = resized.repeat(batch // mask.shape[0], 1, 1, 1).to(feature.dtype)
         out.append(feature * resized)
     return out
+
+
+def expand_condition(edges: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """The (B, 1, H, W) edge map as an adapter with `in_channels` inputs takes it: as is for 1 (the original's
+    canny adapter, config/model/adapter_canny.yaml:9), repeated for 3 (an adapter trained on RGB edge images)."""
+    if edges.dim() != 4 or edges.shape[1] != 1:
+        raise ValueError(f"edges must be (B, 1, H, W), got shape {tuple(edges.shape)}")
+    if in_channels not in CONDITION_CHANNELS:
+        raise ValueError(f"a canny adapter takes {CONDITION_CHANNELS[0]} or {CONDITION_CHANNELS[1]} input channels, "
+                         f"got {in_channels}; give a canny T2I-Adapter")
+    return edges.repeat(1, in_channels, 1, 1)
 
 
 # ---------------------------------------------------------------- training draws
@@ -210,7 +229,30 @@ def canny_edges(image: np.ndarray, thresholds: tuple[int, int] = CANNY_THRESHOLD
     return cv2.Canny(np.ascontiguousarray(image, dtype=np.uint8), *thresholds)
 
 
-def _as_uint8(array: np.ndarray | torch.Tensor) -> np.ndarray:
+def luma(image: np.ndarray) -> np.ndarray:
+    """PIL's `convert('L')` of an (H, W, 3) uint8 RGB image, exactly: (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16."""
+    rgb = np.asarray(image, dtype=np.uint32)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB, got shape {rgb.shape}")
+    return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def sobel_image(image: np.ndarray) -> np.ndarray:
+    """The original's Sobel condition (data/utils.py:34-37) of an (H, W) grey or (H, W, 3) RGB uint8 image.
+
+    Grey (PIL's 'L', `luma`) scaled to -1..1 in float32, `sobel_magnitude` (kornia.filters.sobel),
+    ×255 and truncated to uint8 (ToPILImage's `mul(255).byte()`). Returns (H, W) uint8.
+    """
+    grey = np.asarray(image)
+    grey = luma(grey) if grey.ndim == 3 else grey
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W) or (H, W, 3) uint8, got shape {grey.shape} {grey.dtype}")
+    x = torch.from_numpy(grey.copy()).float().div(255).sub(0.5).div(0.5)[None, None]
+    # Magnitudes reach √2 at strong corners: the original's `.byte()` wraps those (300 -> 44); we saturate at 255.
+    return sobel_magnitude(x)[0, 0].mul(255).clamp(max=255).to(torch.uint8).numpy()
+
+
+def _as_uint8(array: Map) -> np.ndarray:
     """An (H, W) map as uint8 0..255: uint8 as is, bool and floats in 0..1 scaled by 255."""
     array = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     array = np.squeeze(array)
@@ -221,6 +263,23 @@ def _as_uint8(array: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.clip(np.rint(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
 
 
+def mask_sides(mask: np.ndarray, soft_mask: SoftMask = "threshold") -> tuple[np.ndarray, np.ndarray]:
+    """(inside, outside) boolean maps of a uint8 0..255 mask.
+
+    "threshold" (default): inside where ≥ 128 (0.5 of full scale), outside the rest, so every pixel
+    is on one side. "original": inside where > 0 and outside where < 255 (the original's
+    `mask > 0` and `1 - mask > 0` on a 0..1 mask, lfmse.py:39-41, diffcc.py:31-35), so a soft
+    pixel counts on both sides. The two agree on a binary mask.
+    """
+    if soft_mask == "threshold":
+        inside = mask >= 128
+        return inside, ~inside
+    if soft_mask == "original":
+        return mask > 0, mask < 255
+    raise ValueError(f"soft_mask must be one of {SOFT_MASKS}, got {soft_mask!r}; "
+                     "'threshold' splits at 0.5, 'original' counts a soft pixel inside and outside")
+
+
 def _low_frequency(edges: np.ndarray, size: tuple[int, int], kernel_size: int, sigma: float) -> np.ndarray:
     """The original's low-pass: uint8 GaussianBlur(k, σ), bilinear resize to `size` (w, h), / 255."""
     import cv2
@@ -228,55 +287,100 @@ def _low_frequency(edges: np.ndarray, size: tuple[int, int], kernel_size: int, s
     return cv2.resize(cv2.GaussianBlur(edges, (kernel_size, kernel_size), sigma), size) / 255.0
 
 
-def _metric_inputs(edges_generated, edges_condition, mask, kernel_size: int, sigma: float, downsample: int):
+def _same_size(*maps: np.ndarray) -> None:
+    if len({m.shape for m in maps}) != 1:
+        raise ValueError(f"the maps and the mask must have one size, got {', '.join(str(m.shape) for m in maps)}; "
+                         "resize the condition and the mask to the generated image")
+
+
+def _metric_inputs(edges_generated: Map, edges_condition: Map, mask: Map, kernel_size: int, sigma: float,
+                   downsample: int, soft_mask: SoftMask) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(generated, condition) low-passed at 1/downsample, and the (inside, outside) maps of the mask resized there."""
     import cv2
 
     pred, target, mask = _as_uint8(edges_generated), _as_uint8(edges_condition), _as_uint8(mask)
-    if not pred.shape == target.shape == mask.shape:
-        raise ValueError(f"the edge maps and the mask must have one size, got {pred.shape}, {target.shape}, {mask.shape}")
+    _same_size(pred, target, mask)
     # (w, h) // downsample; the original takes the width for both sides (its images are square).
     size = (pred.shape[1] // downsample, pred.shape[0] // downsample)
-    inside = cv2.resize((mask >= 128).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
-    return (_low_frequency(pred, size, kernel_size, sigma), _low_frequency(target, size, kernel_size, sigma), inside)
+    inside, outside = mask_sides(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST), soft_mask)
+    low = (_low_frequency(edges, size, kernel_size, sigma) for edges in (pred, target))
+    return (*low, inside, outside)
 
 
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def lf_mse(edges_generated, edges_condition, mask, sigma: float = METRIC_SIGMA, kernel_size: int = METRIC_KERNEL,
-           downsample: int = METRIC_DOWNSAMPLE, outside_target: float = 1.0) -> dict[str, float]:
-    """Low-frequency MSE of Canny edge maps inside and outside the mask (the original's metrics/lfmse.py, canny).
-
-    Edge maps (H, W) uint8 0/255 (or 0..1 floats), mask (H, W), inside where ≥ 0.5 of full scale.
-    Both edge maps are Gaussian-blurred (kernel 11, σ 5, on uint8), resized bilinearly to 1/8 and
-    scaled to 0..1; the mask is resized nearest to 1/8. `in`: mean squared difference over the
-    pixels inside. `out`: mean squared difference, over the pixels outside, between the generated
-    map and the constant `outside_target`. The original compares with 1.0 there (its
-    `np.where(1 - mask > 0, 1.0, 0.0)`; edges are 1 in these maps); `outside_target=0.0` is the
-    "against no edges" reading. `total` = in + out. An empty side gives NaN.
-    """
-    pred, target, inside = _metric_inputs(edges_generated, edges_condition, mask, kernel_size, sigma, downsample)
-    in_mse = _mean((pred[inside] - target[inside]) ** 2)
-    out_mse = _mean((pred[~inside] - outside_target) ** 2)
+def _in_out_mse(pred: np.ndarray, target: np.ndarray, inside: np.ndarray, outside: np.ndarray,
+                outside_target: float) -> dict[str, float]:
+    """MSE to `target` inside; outside, MSE to the original's `modified_target` (lfmse.py:40, 46):
+    the target where inside plus `outside_target` where outside (the constant alone on a binary mask)."""
+    out_target = np.where(inside, target, 0) + np.where(outside, outside_target, 0.0)
+    in_mse, out_mse = _mean(((pred - target) ** 2)[inside]), _mean(((pred - out_target) ** 2)[outside])
     return {"in": in_mse, "out": out_mse, "total": in_mse + out_mse}
 
 
-def diffcc(edges_generated, edges_condition, mask, sigma: float = METRIC_SIGMA, kernel_size: int = METRIC_KERNEL,
-           downsample: int = METRIC_DOWNSAMPLE) -> dict[str, float]:
+def lf_mse(edges_generated: Map, edges_condition: Map, mask: Map, sigma: float = METRIC_SIGMA,
+           kernel_size: int = METRIC_KERNEL, downsample: int = METRIC_DOWNSAMPLE, outside_target: float = 1.0,
+           soft_mask: SoftMask = "threshold") -> dict[str, float]:
+    """Low-frequency MSE of Canny edge maps inside and outside the mask (the original's metrics/lfmse.py, canny).
+
+    Edge maps (H, W) uint8 0/255 (or 0..1 floats), mask (H, W) 0..255 (or 0..1), read by `mask_sides`:
+    `soft_mask="threshold"` (default) puts a pixel inside where ≥ 0.5, outside otherwise;
+    `"original"` puts it inside where > 0 and outside where < 1, so a soft pixel counts in both.
+    Both edge maps are Gaussian-blurred (kernel 11, σ 5, on uint8), resized bilinearly to 1/8 and
+    scaled to 0..1; the mask is resized nearest to 1/8. `in`: mean squared difference over the
+    pixels inside. `out`: mean squared difference, over the pixels outside, between the generated
+    map and the constant `outside_target` (plus the condition's map at soft pixels, under the
+    original reading). The original compares with 1.0 there (its
+    `np.where(1 - mask > 0, 1.0, 0.0)`; edges are 1 in these maps); `outside_target=0.0` is the
+    "against no edges" reading. `total` = in + out. An empty side gives NaN.
+    """
+    pred, target, inside, outside = _metric_inputs(edges_generated, edges_condition, mask, kernel_size, sigma,
+                                                   downsample, soft_mask)
+    return _in_out_mse(pred, target, inside, outside, outside_target)
+
+
+def lf_mse_sobel(sobel_generated: Map, sobel_condition: Map, mask: Map, outside_target: float = 1.0,
+                 soft_mask: SoftMask = "threshold") -> dict[str, float]:
+    """LF-MSE of Sobel maps (the original's metrics/lfmse.py:44-49, `condition_name='sobel'`).
+
+    Maps (H, W) uint8 (`sobel_image`, or 0..1 floats), mask (H, W) read by `mask_sides` as in
+    `lf_mse`. No blur and no downsampling, as the original: the generated map is divided by its
+    maximum, the condition's map, zeroed outside the mask, by its maximum inside. `in`: mean squared
+    difference over the pixels inside; `out`: over the pixels outside, against `outside_target`
+    (plus the normalised condition at soft pixels, under the original reading); `total` = in + out.
+    A map whose maximum is 0 gives NaN (the original divides by it), as does an empty side.
+    """
+    pred, target, mask = _as_uint8(sobel_generated), _as_uint8(sobel_condition), _as_uint8(mask)
+    _same_size(pred, target, mask)
+    # The original passes its uint8 0/255 PIL mask, whose `1 - mask` wraps (255 -> 2), so every pixel is "outside"
+    # there (lfmse.py:46, 48); we read the mask on 0..1, as its canny variant does (lfmse.py:33, 40).
+    inside, outside = mask_sides(mask, soft_mask)
+    in_target = np.where(inside, target, 0)
+    if not pred.max() or not in_target.max():  # the original divides by a zero maximum: NaN (lfmse.py:46-48)
+        return {"in": float("nan"), "out": float("nan"), "total": float("nan")}
+    return _in_out_mse(pred / np.max(pred), in_target / np.max(in_target), inside, outside, outside_target)
+
+
+def diffcc(edges_generated: Map, edges_condition: Map, mask: Map, sigma: float = METRIC_SIGMA,
+           kernel_size: int = METRIC_KERNEL, downsample: int = METRIC_DOWNSAMPLE,
+           soft_mask: SoftMask = "threshold") -> dict[str, float]:
     """DiffCC (the original's metrics/diffcc.py), as fractions in 0..1 (the original's "percent" values are too).
 
-    On the same low-frequency maps as `lf_mse` (1/8 size, values k/255), with d = target − generated:
+    On the same low-frequency maps as `lf_mse` (1/8 size, values k/255), with d = target − generated
+    and inside/outside from `mask_sides(soft_mask)` (default: split at 0.5; "original": > 0 and < 1):
     - `coincidence` = 1 − #{inside, d > 0} / #{inside, target > 0}: the share of the condition's
       low-frequency edge pixels the generated edges reach (NaN if the condition has none inside);
     - `hallucination_in` = #{inside, d < 0} / #{inside}: generated edges beyond the condition's;
     - `hallucination_out` = #{outside, generated > 0} / #{outside}: any generated edge outside.
     """
-    pred, target, inside = _metric_inputs(edges_generated, edges_condition, mask, kernel_size, sigma, downsample)
+    pred, target, inside, outside = _metric_inputs(edges_generated, edges_condition, mask, kernel_size, sigma,
+                                                   downsample, soft_mask)
     diff_in = (target - pred)[inside]
     target_inside = np.count_nonzero(target[inside])
     return {
         "coincidence": 1 - np.count_nonzero(diff_in > 0) / target_inside if target_inside else float("nan"),
         "hallucination_in": np.count_nonzero(diff_in < 0) / inside.sum() if inside.any() else float("nan"),
-        "hallucination_out": np.count_nonzero(pred[~inside] > 0) / (~inside).sum() if (~inside).any() else float("nan"),
+        "hallucination_out": np.count_nonzero(pred[outside] > 0) / outside.sum() if outside.any() else float("nan"),
     }

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multicond.core.adapter import (canny_edges, cubic_timesteps, diffcc, edge_lambda, lf_mse, mask_features,
-                                    predicted_x0, random_box_mask, resize_mask, sobel_magnitude, localized_loss)
+from multicond.core.adapter import (canny_edges, cubic_timesteps, diffcc, edge_lambda, expand_condition, lf_mse,
+                                    lf_mse_sobel, localized_loss, luma, mask_features, mask_sides, predicted_x0,
+                                    random_box_mask, resize_mask, sobel_image, sobel_magnitude)
 
 SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8)]           # full_adapter features at 512x512
 SDXL = [(320, 128), (640, 128), (1280, 64), (1280, 64)]       # full_adapter_xl features at 1024x1024
@@ -74,6 +75,17 @@ def test_feather_softens_the_edge_and_keeps_the_far_inside() -> None:
     soft = resize_mask(mask, (64, 64), feather=2.0)
     assert 0.2 < soft[0, 0, 32, 16].item() < 0.8 and soft[0, 0, 32, 32].item() > 0.999
     assert soft[0, 0, 0, 0].item() < 1e-6
+
+
+def test_a_canny_condition_has_the_adapters_channels() -> None:
+    edges = torch.rand(2, 1, 16, 16)
+    assert torch.equal(expand_condition(edges, 1), edges)
+    three = expand_condition(edges, 3)
+    assert three.shape == (2, 3, 16, 16) and all(torch.equal(three[:, c:c + 1], edges) for c in range(3))
+    with pytest.raises(ValueError, match="1 or 3 input channels, got 4"):
+        expand_condition(edges, 4)
+    with pytest.raises(ValueError, match=r"edges must be \(B, 1, H, W\)"):
+        expand_condition(three, 3)
 
 
 # ---------------------------------------------------------------- training draws
@@ -239,3 +251,165 @@ def test_canny_of_a_drawn_square_is_its_outline() -> None:
     edges = canny_edges(image)
     assert edges.dtype == np.uint8 and set(np.unique(edges)) == {0, 255}
     assert edges[30, 30] == 0 and edges[5, 5] == 0 and edges[16:48, 14:18].any()
+
+
+# ---------------------------------------------------------------- the original's formulas, re-stated
+
+def _original_masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """metrics/lfmse.py:22-27."""
+    return ((pred - target) ** 2).flatten()[mask.flatten() > 0].mean()
+
+
+def _original_lfmse_canny(prediction: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """metrics/lfmse.py:29-42 on uint8 arrays (its PIL images); `target.size[0]` is the width."""
+    import cv2
+
+    size = (target.shape[1] // 8, target.shape[1] // 8)
+    resized_mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST) / 255.0
+    target_lf = cv2.resize(cv2.GaussianBlur(target, (11, 11), 5), size) / 255.0
+    pred_lf = cv2.resize(cv2.GaussianBlur(prediction, (11, 11), 5), size) / 255.0
+    in_mse = _original_masked_mse(pred_lf, target_lf, resized_mask)
+    modified_target = np.where(resized_mask > 0, target_lf, 0) + np.where(1 - resized_mask > 0, 1.0, 0.0)
+    return in_mse, _original_masked_mse(pred_lf, modified_target, 1 - resized_mask)
+
+
+def _original_lfmse_sobel(prediction: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """metrics/lfmse.py:44-49, verbatim in its arithmetic."""
+    in_target = np.where(np.array(mask) > 0, np.array(target), 0)
+    modified_target = in_target / np.max(in_target) + np.where(1 - np.array(mask) > 0, 1.0, 0.0)
+    in_mse = _original_masked_mse(prediction / np.max(prediction), in_target / np.max(in_target), np.array(mask))
+    out_mse = _original_masked_mse(prediction / np.max(prediction), modified_target, 1 - np.array(mask))
+    return in_mse, out_mse
+
+
+def _original_diffcc(prediction: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """metrics/diffcc.py:17-40 (torch, as there) on uint8 arrays."""
+    import cv2
+
+    size = (target.shape[1] // 8, target.shape[1] // 8)
+    resized_mask = torch.from_numpy(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)) / 255.0
+    target_tensor = torch.from_numpy(cv2.resize(cv2.GaussianBlur(target, (11, 11), 5), size)) / 255.0
+    pred_tensor = torch.from_numpy(cv2.resize(cv2.GaussianBlur(prediction, (11, 11), 5), size)) / 255.0
+    total_ones_inside = torch.count_nonzero(target_tensor.view(-1)[resized_mask.view(-1) > 0])
+    diff_in = (target_tensor - pred_tensor) * resized_mask
+    pred_out = pred_tensor * (1 - resized_mask)
+    # The counts as ints: the original's `int / tensor` rounds the fraction to float32; ours are float64.
+    return {"coincidence": 1 - diff_in[diff_in > 0].shape[0] / int(total_ones_inside),
+            "hallucination_in": diff_in[diff_in < 0].shape[0] / int(torch.count_nonzero(resized_mask)),
+            "hallucination_out": pred_out[pred_out > 0].shape[0] / int(torch.count_nonzero(1 - resized_mask))}
+
+
+def _original_sobel_image(rgb: np.ndarray) -> np.ndarray:
+    """data/utils.py:34-37 without torchvision or kornia: PIL 'L'; ToTensor (/255, float32); Normalize(0.5, 0.5);
+    kornia.filters.sobel (kernels / 8, replicate padding, sqrt(gx² + gy² + 1e-6)); ToPILImage (mul(255).byte())."""
+    from PIL import Image
+
+    grey = np.array(Image.fromarray(rgb).convert("L"))
+    tensor = (torch.from_numpy(grey).to(torch.float32).div(255) - 0.5) / 0.5
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernel = (torch.stack([kx, kx.t()]) / 8.0)[:, None]
+    grads = F.conv2d(F.pad(tensor[None, None], (1, 1, 1, 1), mode="replicate"), kernel)[0]
+    return torch.sqrt(grads[0] * grads[0] + grads[1] * grads[1] + 1e-6).mul(255)   # before .byte()
+
+
+def _cells(values: np.ndarray, cell: int = 8) -> np.ndarray:
+    """A uint8 map of constant cell×cell blocks (so a nearest resize to 1/cell picks each block's value)."""
+    return np.kron(values, np.ones((cell, cell))).astype(np.uint8)
+
+
+SOFT = _cells(np.array([[0, 0, 0, 0, 0, 0, 0, 0],
+                        [0, 40, 40, 90, 90, 40, 40, 0],
+                        [0, 90, 255, 255, 255, 255, 160, 0],
+                        [0, 90, 255, 255, 255, 255, 160, 0],
+                        [0, 160, 255, 255, 255, 255, 90, 0],
+                        [0, 160, 255, 255, 255, 255, 90, 0],
+                        [0, 40, 200, 200, 128, 128, 40, 0],
+                        [0, 0, 0, 0, 0, 0, 0, 0]]))    # a white core, grey fringe of 40..200, black border
+
+
+def _soft_pair() -> tuple[np.ndarray, np.ndarray]:
+    generated, condition = _outline(lo=12, hi=51), _outline()
+    generated[30, 4:60] = 255                            # a line across the fringe and the core
+    condition[20:44, 40] = 255
+    return generated, condition
+
+
+def test_mask_sides_threshold_and_original() -> None:
+    mask = np.array([[0, 1, 127, 128, 254, 255]], np.uint8)
+    inside, outside = mask_sides(mask)
+    assert inside.tolist() == [[False, False, False, True, True, True]] and np.array_equal(outside, ~inside)
+    inside, outside = mask_sides(mask, "original")
+    assert inside.tolist() == [[False, True, True, True, True, True]]
+    assert outside.tolist() == [[True, True, True, True, True, False]]
+    assert all(np.array_equal(a, b) for a, b in zip(mask_sides(MASK), mask_sides(MASK, "original")))
+    with pytest.raises(ValueError, match="soft_mask must be one of .*'threshold'.*got 'half'"):
+        mask_sides(mask, "half")
+    with pytest.raises(ValueError, match="soft_mask"):
+        lf_mse(_outline(), _outline(), MASK, soft_mask="any")
+
+
+def test_canny_metrics_original_reading_is_the_originals_and_differs_from_the_threshold_on_a_soft_mask() -> None:
+    generated, condition = _soft_pair()
+    original = lf_mse(generated, condition, SOFT, soft_mask="original")
+    assert (original["in"], original["out"]) == _original_lfmse_canny(generated, condition, SOFT)   # exact
+    assert original["total"] == original["in"] + original["out"]
+    assert diffcc(generated, condition, SOFT, soft_mask="original") == _original_diffcc(generated, condition, SOFT)
+    # The default splits at 0.5: the original's formulas on the mask thresholded at 128 (exactly), and other numbers.
+    threshold = lf_mse(generated, condition, SOFT)
+    binary = np.where(SOFT >= 128, 255, 0).astype(np.uint8)
+    assert (threshold["in"], threshold["out"]) == _original_lfmse_canny(generated, condition, binary)
+    assert diffcc(generated, condition, SOFT) == _original_diffcc(generated, condition, binary)
+    assert threshold["in"] != original["in"] and threshold["out"] != original["out"]
+    assert diffcc(generated, condition, SOFT) != diffcc(generated, condition, SOFT, soft_mask="original")
+    # On a binary mask the two readings are one.
+    assert lf_mse(generated, condition, MASK) == lf_mse(generated, condition, MASK, soft_mask="original")
+
+
+def test_sobel_image_is_the_originals_get_sobel_image() -> None:
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(100, 160, (16, 16, 3), dtype=np.uint8)   # gradients < 1: no overflow
+    assert np.array_equal(luma(rgb), np.array(Image.fromarray(rgb).convert("L")))
+    before_byte = _original_sobel_image(rgb)
+    assert before_byte.max() < 255 and before_byte.min() >= 0
+    assert np.array_equal(sobel_image(rgb), before_byte.to(torch.uint8).numpy())
+    assert np.array_equal(sobel_image(luma(rgb)), sobel_image(rgb))
+    # A full-contrast corner's magnitude is above 1: the original's `.byte()` wraps it; ours saturates at 255.
+    square = np.zeros((16, 16, 3), np.uint8)
+    square[4:12, 4:12] = 255
+    before_byte = _original_sobel_image(square)
+    assert before_byte.max() > 256
+    assert np.array_equal(sobel_image(square), before_byte.clamp(max=255).to(torch.uint8).numpy())
+    assert sobel_image(square)[4, 4] == 255 and before_byte[4, 4] > 255    # the corner: 270 before `.byte()`
+
+
+def test_sobel_lf_mse_is_the_originals_update_sobel() -> None:
+    rng = np.random.default_rng(2)
+    generated = sobel_image(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    condition = sobel_image(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    box = np.zeros((16, 16), np.uint8)
+    box[4:12, 3:10] = 255
+    soft = box.copy()
+    soft[2:4, 3:14] = 100                                                # a grey band above the box
+    soft[12, 3:10] = 200
+    for mask, reading in ((box, "threshold"), (box, "original"), (soft, "original")):
+        ours = lf_mse_sobel(generated, condition, mask, soft_mask=reading)
+        # The original on a 0..1 mask; with its uint8 PIL mask `1 - mask` wraps (255 -> 2) and all is "outside".
+        assert (ours["in"], ours["out"]) == _original_lfmse_sobel(generated, condition, mask / 255.0)   # exact
+        assert ours["total"] == ours["in"] + ours["out"]
+    assert (1 - box > 0).all()
+    assert lf_mse_sobel(generated, condition, box)["out"] != _original_lfmse_sobel(generated, condition, box)[1]
+    threshold = lf_mse_sobel(generated, condition, soft)
+    original = lf_mse_sobel(generated, condition, soft, soft_mask="original")
+    assert threshold["in"] != original["in"] and threshold["out"] != original["out"]
+    binary = np.where(soft >= 128, 1.0, 0.0)
+    assert (threshold["in"], threshold["out"]) == _original_lfmse_sobel(generated, condition, binary)
+    # The original's outside target 1.0; 0.0 is the "no edges" reading: outside, the generated map's own mean square.
+    outside = (generated / generated.max())[box == 0]
+    no_edges = lf_mse_sobel(generated, condition, box, outside_target=0.0)["out"]
+    assert no_edges == pytest.approx((outside ** 2).mean(), rel=1e-15, abs=0)
+    # A zero maximum (a flat generated image, or no condition edge inside) is NaN, as the original's 0/0.
+    assert all(math.isnan(v) for v in lf_mse_sobel(np.zeros_like(generated), condition, box).values())
+    assert all(math.isnan(v) for v in lf_mse_sobel(generated, np.where(box > 0, 0, condition), box).values())
+    with pytest.raises(ValueError, match="one size.*resize the condition and the mask"):
+        lf_mse_sobel(generated, condition[:8], box)

@@ -14,10 +14,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from multicond.core.adapter import canny_edges, mask_features
+from diffusers import T2IAdapter
+
+from multicond.core.adapter import canny_edges, lf_mse_sobel, mask_features, sobel_image
 from multicond.core.diffusers_binding import tiny_pipeline
-from multicond.core.diffusers_binding.adapter_training import (AdapterTrainSettings, adapter_for_unet, encode_batch,
-                                                               find_samples, load_adapter, train_adapter)
+from multicond.core.diffusers_binding.adapter_training import (AdapterTrainSettings, adapter_for_unet,
+                                                               adapter_in_channels, encode_batch, find_samples,
+                                                               load_adapter, load_example, save_adapter, train_adapter)
 from multicond.core.diffusers_binding.cli_adapter import add_adapter_parsers
 from multicond.core.errors import InputError
 
@@ -72,7 +75,7 @@ def test_samples_are_the_readable_images_with_their_captions(images: Path) -> No
 def test_masked_features_reach_the_unet_and_a_zero_mask_removes_them(pipe) -> None:
     torch.manual_seed(0)
     adapter = adapter_for_unet(pipe.unet, family(pipe))
-    condition = torch.rand(2, 3, 64, 64)
+    condition = torch.rand(2, 1, 64, 64)                         # the edge map: a canny adapter has 1 input channel
     z = torch.randn(2, 4, 8, 8)
     t = torch.tensor([900, 300])
     text = encode_batch(pipe, ["a square", ""], 64)
@@ -86,6 +89,23 @@ def test_masked_features_reach_the_unet_and_a_zero_mask_removes_them(pipe) -> No
     ones.square().mean().backward()
     assert all(p.grad is not None for p in adapter.parameters())
     assert sum(p.grad.abs().sum() for p in adapter.parameters()) > 0
+
+
+def test_the_condition_is_the_one_channel_edge_map(images: Path) -> None:
+    image, condition = load_example(find_samples(images)[0], 64)
+    rgb = np.asarray(Image.open(images / "00.png").convert("RGB"))
+    assert image.shape == (3, 64, 64) and condition.shape == (1, 64, 64)
+    assert torch.equal(condition[0], torch.from_numpy(canny_edges(rgb)).float() / 255.0)
+
+
+@pytest.mark.parametrize("kind,channels", [("full_adapter", 1), ("full_adapter", 3), ("full_adapter_xl", 1),
+                                           ("full_adapter_xl", 3), ("light_adapter", 1), ("light_adapter", 3)])
+def test_the_input_channels_come_from_the_adapters_weights(kind: str, channels: int) -> None:
+    factor = 16 if kind == "full_adapter_xl" else 8
+    levels = [8, 16, 16] if kind == "light_adapter" else [8, 16, 32, 32]
+    adapter = T2IAdapter(in_channels=channels, channels=levels, num_res_blocks=1, downscale_factor=factor,
+                         adapter_type=kind)
+    assert adapter_in_channels(adapter) == channels
 
 
 # ---------------------------------------------------------------- training, checkpoints, resume
@@ -104,6 +124,8 @@ def test_training_writes_checkpoints_and_a_comfyui_readable_adapter(images: Path
     state = load_file(str(result.adapter_path))
     expected = adapter_for_unet(pipe.unet, family(pipe)).state_dict()
     assert set(state) == set(expected) and "adapter.body.0.resnets.0.block1.weight" in state
+    factor = 16 if family(pipe) == "sdxl" else 8                 # 1 input channel, as the original's canny adapter
+    assert state["adapter.conv_in.weight"].shape[1] == factor ** 2 and adapter_in_channels(load_adapter(tmp_path)) == 1
     assert all(state[k].shape == expected[k].shape for k in state)
     loaded = load_adapter(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
@@ -123,6 +145,33 @@ def test_a_resumed_run_continues_as_the_uninterrupted_one(images: Path, pipe, tm
     # --resume alone: the newest checkpoint of the output folder; a finished run has nothing left to do.
     again = train_adapter(settings(images, tmp_path / "whole", pipe, resume="latest"), pipe=pipe)
     assert again.start_step == 4 and again.losses == []
+
+
+def test_init_adapter_feeds_the_edge_map_as_its_weights_take_it(images: Path, pipe, tmp_path: Path) -> None:
+    """A 1-channel adapter (a diffusers folder, as TencentARC's canny) gets the edge map, a 3-channel one (our
+    file) the map repeated: with the 3-channel conv_in made of the 1-channel one's weights / 3 per colour, the
+    two see the same input, so their first losses agree; each output keeps its adapter's channels."""
+    torch.manual_seed(0)
+    one = adapter_for_unet(pipe.unet, family(pipe))
+    one.save_pretrained(str(tmp_path / "one"))
+    three = adapter_for_unet(pipe.unet, family(pipe), in_channels=3)
+    state = one.state_dict()
+    state["adapter.conv_in.weight"] = state["adapter.conv_in.weight"].repeat(1, 3, 1, 1) / 3  # unshuffle: c·f² + k
+    three.load_state_dict(state)
+    save_adapter(three, tmp_path / "three")
+    results = {name: train_adapter(settings(images, tmp_path / f"out-{name}", pipe, steps=1, batch_size=1,
+                                            grad_accumulation=1, init_adapter=str(tmp_path / name)), pipe=pipe)
+               for name in ("one", "three")}
+    assert results["three"].losses[0] == pytest.approx(results["one"].losses[0], rel=1e-5, abs=0)
+    factor = 16 if family(pipe) == "sdxl" else 8
+    for name, channels in (("one", 1), ("three", 3)):
+        weight = load_file(str(results[name].adapter_path))["adapter.conv_in.weight"]
+        assert weight.shape[1] == channels * factor ** 2
+        assert adapter_in_channels(load_adapter(results[name].adapter_path)) == channels
+    save_adapter(adapter_for_unet(pipe.unet, family(pipe), in_channels=2), tmp_path / "two")
+    with pytest.raises(InputError, match="--init-adapter.*takes 2 input channels.*1 input channel"):
+        train_adapter(settings(images, tmp_path / "out-two", pipe, steps=1, init_adapter=str(tmp_path / "two")),
+                      pipe=pipe)
 
 
 def test_bad_settings_name_the_option(images: Path, tmp_path: Path) -> None:
@@ -191,7 +240,7 @@ def test_score_local_matches_files_by_name_and_writes_json(tmp_path: Path, capsy
         Image.fromarray(canny_edges(square)).save(folders["conditions"] / f"{name}.png")
         Image.fromarray(mask).save(folders["masks"] / f"{name}.png")
     args = ["score-local", "--generated", str(folders["generated"]), "--conditions", str(folders["conditions"]),
-            "--masks", str(folders["masks"])]
+            "--masks", str(folders["masks"]), "--condition-name", "canny"]
     assert cli(args) == 0
     report = json.loads((folders["generated"] / "local_scores.json").read_text())
     assert report["images"] == 2 and report["unmatched"] == ["orphan"]
@@ -206,8 +255,54 @@ def test_score_local_matches_files_by_name_and_writes_json(tmp_path: Path, capsy
     Image.fromarray(square).save(image_conditions / "same.png")
     out = tmp_path / "scores.json"
     assert cli(["score-local", "--generated", str(folders["generated"]), "--conditions", str(image_conditions),
-                "--masks", str(folders["masks"]), "--condition-kind", "image", "--out", str(out)]) == 0
+                "--masks", str(folders["masks"]), "--condition-kind", "image", "--out", str(out),
+                "--condition-name", "canny"]) == 0
     assert json.loads(out.read_text())["per_image"][0]["lf_mse_in"] == 0.0
+
+
+def test_score_local_defaults_to_the_originals_sobel_condition_and_reads_soft_masks(tmp_path: Path) -> None:
+    folders = {name: tmp_path / name for name in ("generated", "conditions", "masks", "images")}
+    for folder in folders.values():
+        folder.mkdir()
+    generated = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    condition = _square_image(16, 48)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:56, 8:56] = 255
+    mask[8:20, 8:56] = 100                                      # a grey band over the square's top edge
+    Image.fromarray(generated).save(folders["generated"] / "a.png")
+    Image.fromarray(sobel_image(condition)).save(folders["conditions"] / "a.png")
+    Image.fromarray(condition).save(folders["images"] / "a.png")
+    Image.fromarray(mask).save(folders["masks"] / "a.png")
+    base = ["score-local", "--generated", str(folders["generated"]), "--masks", str(folders["masks"])]
+
+    def score(*extra: str) -> dict:
+        out = tmp_path / f"{len(list(tmp_path.glob('*.json')))}.json"
+        assert cli([*base, "--out", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+
+    report = score("--conditions", str(folders["conditions"]))
+    assert report["condition_name"] == "sobel" and report["soft_mask"] == "threshold"
+    record = report["per_image"][0]
+    assert "coincidence" not in record                          # DiffCC is the canny evaluation's
+    expected = lf_mse_sobel(sobel_image(generated), sobel_image(condition), mask)
+    assert (record["lf_mse_in"], record["lf_mse_out"], record["lf_mse_total"]) == tuple(expected.values())
+    original = score("--conditions", str(folders["conditions"]), "--soft-mask", "original")["per_image"][0]
+    expected = lf_mse_sobel(sobel_image(generated), sobel_image(condition), mask, soft_mask="original")
+    assert (original["lf_mse_in"], original["lf_mse_out"]) == (expected["in"], expected["out"])
+    assert original["lf_mse_in"] != record["lf_mse_in"] and original["lf_mse_out"] != record["lf_mse_out"]
+    # The condition given as an image: its Sobel map is taken.
+    from_image = score("--conditions", str(folders["images"]), "--condition-kind", "image")["per_image"][0]
+    assert from_image["lf_mse_in"] == record["lf_mse_in"]
+
+
+@pytest.mark.parametrize("flag,value", [("--soft-mask", "half"), ("--condition-name", "depth")])
+def test_score_local_rejects_an_unknown_choice(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str,
+                                                value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["score-local", "--generated", str(tmp_path), "--conditions", str(tmp_path), "--masks", str(tmp_path),
+             flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and flag in err and f"invalid choice: '{value}'" in err
 
 
 def test_score_local_with_nothing_matched_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

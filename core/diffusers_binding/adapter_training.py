@@ -1,7 +1,8 @@
 """Train a localized (masked-feature) T2I-Adapter on a frozen diffusers UNet, the paper's way.
 
-One training update: images of an image folder → VAE latents z0; condition = Canny (100, 200) of
-each image; one random box mask per sample; 50% empty prompts; cubic timesteps; the adapter's
+One training update: images of an image folder → VAE latents z0; condition = the 1-channel Canny
+(100, 200) edge map of each image (repeated for an adapter with 3 input channels); one random box
+mask per sample; 50% empty prompts; cubic timesteps; the adapter's
 features multiplied by the mask (`core.adapter.mask_features`) go into the frozen UNet as
 `down_intrablock_additional_residuals`; the loss is `core.adapter.localized_loss`. Only the adapter
 is optimised (AdamW, linear LR with warm-up, grad clip 1.0). Runs through Hugging Face Accelerate,
@@ -30,8 +31,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..adapter import (BOX_MIN_AREA, EDGE_METHODS, TRAIN_STEPS, canny_edges, cubic_timesteps, localized_loss,
-                       mask_features, random_box_mask)
+from ..adapter import (BOX_MIN_AREA, CONDITION_CHANNELS, EDGE_METHODS, TRAIN_STEPS, canny_edges, cubic_timesteps,
+                       expand_condition, localized_loss, mask_features, random_box_mask)
 from ..errors import InputError
 from .tiny import TINY_IMAGE_SIZE, load_pipeline
 
@@ -110,15 +111,16 @@ def find_samples(folder: Path) -> list[Sample]:
 
 
 def load_example(sample: Sample, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image in -1..1, condition in 0..1), both (3, size, size).
+    """(image in -1..1, (3, size, size); Canny edge map in 0..1, (1, size, size)).
 
     The image is squashed to size×size (bilinear), as the original's T.Resize((s, s)); the Canny
-    condition is computed on the resized image (the original resizes a precomputed one).
+    condition is computed on the resized image (the original resizes a precomputed one). One channel,
+    as the original's ToTensor of its 'L' canny.png (data/transforms.py:89).
     """
     rgb = np.asarray(Image.open(sample.image).convert("RGB").resize((size, size), Image.BILINEAR))
     edges = canny_edges(rgb)
     image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-    condition = torch.from_numpy(edges).float().div(255.0)[None].repeat(3, 1, 1)
+    condition = torch.from_numpy(edges).float().div(255.0)[None]
     return image, condition
 
 
@@ -139,20 +141,38 @@ def batch_indices(count: int, batch_size: int, micro_step: int, seed: int) -> li
 
 # ---------------------------------------------------------------- model
 
-def adapter_for_unet(unet: torch.nn.Module, family: str) -> T2IAdapter:
+def adapter_for_unet(unet: torch.nn.Module, family: str, in_channels: int = 1) -> T2IAdapter:
     """A fresh T2IAdapter whose features fit the UNet's down blocks.
 
     sd1: `full_adapter` (pixel unshuffle 8, one feature per down block, channels = the UNet's
     block_out_channels: 320, 640, 1280, 1280 for SD1.5 as TencentARC's canny adapter).
     sdxl: `full_adapter_xl` (unshuffle 16, the last level repeated for the mid block:
     320, 640, 1280, 1280 for SDXL). Two res blocks per level, as the released adapters.
+    `in_channels` 1: the edge map, as the original's canny adapter (config/model/adapter_canny.yaml:9).
     """
     channels = list(unet.config.block_out_channels)
     if family == "sdxl":
-        return T2IAdapter(in_channels=3, channels=channels + channels[-1:], num_res_blocks=2, downscale_factor=16,
-                          adapter_type="full_adapter_xl")
-    return T2IAdapter(in_channels=3, channels=channels, num_res_blocks=2, downscale_factor=8,
+        return T2IAdapter(in_channels=in_channels, channels=channels + channels[-1:], num_res_blocks=2,
+                          downscale_factor=16, adapter_type="full_adapter_xl")
+    return T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=2, downscale_factor=8,
                       adapter_type="full_adapter")
+
+
+def adapter_in_channels(adapter: T2IAdapter) -> int:
+    """The condition channels the adapter's weights take: its first convolution's inputs / unshuffle factor²."""
+    inner = adapter.adapter
+    first = inner.conv_in if hasattr(inner, "conv_in") else inner.body[0].in_conv  # full(_xl) / light adapters
+    return first.in_channels // inner.unshuffle.downscale_factor ** 2
+
+
+def condition_channels(adapter: T2IAdapter) -> int:
+    """`adapter_in_channels`, checked to be a canny adapter's: 1 (the edge map) or 3 (it repeated)."""
+    channels = adapter_in_channels(adapter)
+    if channels not in CONDITION_CHANNELS:
+        raise InputError(COMMAND, "--init-adapter", f"the adapter takes {channels} input channels",
+                         "Give a canny T2I-Adapter: 1 input channel (the edge map, as the original's) or 3 "
+                         "(the edge map repeated as RGB), or leave --init-adapter out to start a 1-channel one.")
+    return channels
 
 
 def size_multiple(adapter: T2IAdapter) -> int:
@@ -277,6 +297,7 @@ def train_adapter(settings: AdapterTrainSettings, pipe=None) -> TrainResult:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         adapter = load_adapter(settings.init_adapter) if settings.init_adapter else adapter_for_unet(pipe.unet, settings.family)
+    in_channels = condition_channels(adapter)  # from the adapter's own weights: a 3-channel one gets the map repeated
     size = settings.size or (TINY_IMAGE_SIZE if settings.checkpoint is None else PAPER_SIZE)
     multiple = size_multiple(adapter)
     if size % multiple:
@@ -318,7 +339,7 @@ def train_adapter(settings: AdapterTrainSettings, pipe=None) -> TrainResult:
             z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
             sync = micro == settings.grad_accumulation - 1
             with nullcontext() if sync else accelerator.no_sync(adapter):
-                features = mask_features(adapter(conditions.to(device)), masks)
+                features = mask_features(adapter(expand_condition(conditions, in_channels).to(device)), masks)
                 eps = pipe.unet(z_t, t, down_intrablock_additional_residuals=list(features), **text).sample
                 mask_latent = F.interpolate(masks, size=z0.shape[-2:], mode="nearest")
                 loss, parts = localized_loss(eps, noise, z_t, z0, alpha_bar, t, mask_latent, settings.edge_weight,

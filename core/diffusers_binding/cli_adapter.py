@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..adapter import EDGE_METHODS, METRIC_SIGMA, canny_edges, diffcc, lf_mse
+from ..adapter import (CONDITION_NAMES, EDGE_METHODS, METRIC_SIGMA, SOFT_MASKS, ConditionName, SoftMask, canny_edges,
+                       diffcc, lf_mse, lf_mse_sobel, sobel_image)
 from ..errors import InputError
 from .adapter_training import IMAGE_SUFFIXES, AdapterTrainSettings, train_adapter
 from .tiny import FAMILIES, TINY_IMAGE_SIZE
@@ -25,7 +26,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "train-adapter", help="train a localized (masked-feature) T2I-Adapter on an image folder",
         description="Train a T2I-Adapter whose features are multiplied by a random box mask, with the paper's loss "
                     "(noise MSE + lambda * masked Sobel MSE of the predicted clean latent). The condition is the "
-                    "Canny (100, 200) edge map of each image; the UNet is frozen. Writes checkpoints under "
+                    "1-channel Canny (100, 200) edge map of each image (repeated for an --init-adapter with 3 "
+                    "input channels); the UNet is frozen. Writes checkpoints under "
                     "OUT/checkpoints and OUT/adapter.safetensors (diffusers T2IAdapter keys, loadable by ComfyUI's "
                     "ControlNet loader). Runs under `accelerate launch` too.")
     parser.add_argument("--images", type=Path, required=True,
@@ -51,7 +53,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                         help="save a resumable checkpoint every N updates (default %(default)s)")
     parser.add_argument("--resume", nargs="?", const="latest",
                         help="continue from a checkpoint folder; alone: the newest under OUT/checkpoints")
-    parser.add_argument("--init-adapter", help="start from these adapter weights (an adapter.safetensors or a diffusers folder)")
+    parser.add_argument("--init-adapter",
+                        help="start from these adapter weights (an adapter.safetensors or a diffusers folder); "
+                             "its input channels (1 or 3) decide how the edge map is fed")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
     parser.add_argument("--device", choices=("cpu", "auto"), default="auto",
                         help="auto: a GPU when there is one (or what `accelerate launch` assigns); cpu forces the CPU")
@@ -106,17 +110,25 @@ def run_train_adapter(ns: argparse.Namespace) -> int:
 
 def _add_score_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "score-local", help="LF-MSE and DiffCC of generated images against their edge conditions inside/outside masks",
+        "score-local", help="LF-MSE (and DiffCC) of generated images against their conditions inside/outside masks",
         description="For each generated image, the condition and the mask of the same file name (any image "
-                    "extension): Canny (100, 200) edges of the generated image against the condition's edges, "
-                    "LF-MSE in/out and DiffCC (coincidence, hallucination in/out). Prints the means and writes JSON.")
+                    "extension). --condition-name sobel (the original's evaluation): the Sobel map of the generated "
+                    "image against the condition's, LF-MSE in/out. canny: Canny (100, 200) edges, LF-MSE in/out "
+                    "and DiffCC (coincidence, hallucination in/out). Prints the means and writes JSON.")
     parser.add_argument("--generated", type=Path, required=True, help="folder of generated images")
     parser.add_argument("--conditions", type=Path, required=True, help="folder of condition images (same names)")
     parser.add_argument("--masks", type=Path, required=True, help="folder of masks (same names; white = inside)")
+    parser.add_argument("--condition-name", choices=CONDITION_NAMES, default=CONDITION_NAMES[0],
+                        help="sobel: Sobel maps, no blur (the original's evaluate_metrics.py); canny: Canny edges, "
+                             "low-passed, plus DiffCC (default %(default)s)")
     parser.add_argument("--condition-kind", choices=("edges", "image"), default="edges",
-                        help="edges: the conditions are edge maps (white edges); image: take their Canny edges "
-                             "(default %(default)s)")
-    parser.add_argument("--sigma", type=float, default=METRIC_SIGMA, help="Gaussian low-pass sigma (default %(default)s)")
+                        help="edges: the conditions are already maps (Sobel magnitudes or white Canny edges, per "
+                             "--condition-name); image: take their Sobel map or Canny edges (default %(default)s)")
+    parser.add_argument("--soft-mask", choices=SOFT_MASKS, default="threshold",
+                        help="how a grey mask pixel counts: threshold: inside where >= 0.5, else outside; original: "
+                             "inside where > 0 and outside where < 1, both for a grey pixel (default %(default)s)")
+    parser.add_argument("--sigma", type=float, default=METRIC_SIGMA,
+                        help="Gaussian low-pass sigma, canny only (default %(default)s)")
     parser.add_argument("--outside-target", type=float, default=1.0,
                         help="LF-MSE out compares the generated edges outside with this constant: 1.0 as the original "
                              "code; 0.0 reads it as 'against no edges' (default %(default)s)")
@@ -135,16 +147,26 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def score_image(generated: Path, condition: Path, mask: Path, condition_kind: str = "edges", sigma: float = METRIC_SIGMA,
-                outside_target: float = 1.0) -> dict[str, float]:
-    """LF-MSE and DiffCC of one generated image; the condition and mask are resized (nearest) to its size."""
+                outside_target: float = 1.0, condition_name: ConditionName = "sobel",
+                soft_mask: SoftMask = "threshold") -> dict[str, float]:
+    """LF-MSE (and DiffCC for canny) of one generated image; the condition and mask are resized (nearest) to its size.
+
+    sobel: `sobel_image` of the generated image (and of the condition for `condition_kind="image"`),
+    `lf_mse_sobel`, as the original's scripts/evaluate_metrics.py:57, 71. canny: `canny_edges`,
+    `lf_mse` and `diffcc`.
+    """
     image = Image.open(generated).convert("RGB")
     size = image.size
-    edges = canny_edges(np.asarray(image))
+    mark = sobel_image if condition_name == "sobel" else canny_edges
     cond = Image.open(condition).convert("RGB" if condition_kind == "image" else "L").resize(size, Image.NEAREST)
-    cond_edges = canny_edges(np.asarray(cond)) if condition_kind == "image" else np.asarray(cond)
+    cond_map = mark(np.asarray(cond)) if condition_kind == "image" else np.asarray(cond)
     mask_array = np.asarray(Image.open(mask).convert("L").resize(size, Image.NEAREST))
-    lf = lf_mse(edges, cond_edges, mask_array, sigma=sigma, outside_target=outside_target)
-    cc = diffcc(edges, cond_edges, mask_array, sigma=sigma)
+    if condition_name == "sobel":
+        lf = lf_mse_sobel(sobel_image(np.asarray(image)), cond_map, mask_array, outside_target, soft_mask)
+        return {"lf_mse_in": lf["in"], "lf_mse_out": lf["out"], "lf_mse_total": lf["total"]}
+    edges = canny_edges(np.asarray(image))
+    lf = lf_mse(edges, cond_map, mask_array, sigma=sigma, outside_target=outside_target, soft_mask=soft_mask)
+    cc = diffcc(edges, cond_map, mask_array, sigma=sigma, soft_mask=soft_mask)
     return {"lf_mse_in": lf["in"], "lf_mse_out": lf["out"], "lf_mse_total": lf["total"], **cc}
 
 
@@ -163,12 +185,12 @@ def run_score_local(ns: argparse.Namespace) -> int:
     for name in names:
         records.append({"file": generated[name].name,
                         **score_image(generated[name], conditions[name], masks[name], ns.condition_kind, ns.sigma,
-                                      ns.outside_target)})
+                                      ns.outside_target, ns.condition_name, ns.soft_mask)})
     keys = [k for k in records[0] if k != "file"]
     summary = {key: _summary([r[key] for r in records]) for key in keys}
-    report = {"images": len(records), "unmatched": sorted(set(generated) - set(names)), "sigma": ns.sigma,
-              "outside_target": ns.outside_target, "condition_kind": ns.condition_kind, "summary": summary,
-              "per_image": records}
+    report = {"images": len(records), "unmatched": sorted(set(generated) - set(names)),
+              "condition_name": ns.condition_name, "condition_kind": ns.condition_kind, "soft_mask": ns.soft_mask,
+              "sigma": ns.sigma, "outside_target": ns.outside_target, "summary": summary, "per_image": records}
     out = ns.out or ns.generated / "local_scores.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
