@@ -228,35 +228,61 @@ def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torc
     """
     batch, channels = x.shape[:2]
     # Statistics in at least float32, as torch's GroupNorm keeps them for half-precision inputs.
-    groups = x.reshape(batch, norm.num_groups, -1).to(torch.promote_types(x.dtype, torch.float32))
-    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
+    features = x.to(torch.promote_types(x.dtype, torch.float32))
+    # The GroupNorm kernel's own statistics: several times faster than var_mean on CPU, and differentiable.
+    _, mean, rstd = torch.native_group_norm(features, None, None, batch, channels, x[0, 0].numel(), norm.num_groups,
+                                            norm.eps)
+    var = rstd.pow(-2) - norm.eps
     ref_mean, ref_var = mean[reference_of_row], var[reference_of_row]
     joint_mean = (mean + ref_mean) / 2
     joint_var = (var + ref_var) / 2 + ((mean - ref_mean) / 2).square()
-    # Fold normalisation and affine into one per-channel x * scale + shift over the features.
-    scale = torch.rsqrt(joint_var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
-    shift = -joint_mean.repeat_interleave(channels // norm.num_groups, dim=1) * scale
+    per_channel = channels // norm.num_groups
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # One fused pass: batch norm over the (row, channel) pairs, the joint statistics as its running ones.
+        flat = features.reshape(1, batch * channels, -1)
+        weight, bias = (None if p is None else p.to(flat).repeat(batch) for p in (norm.weight, norm.bias))
+        out = F.batch_norm(flat, joint_mean.repeat_interleave(per_channel, dim=1).reshape(-1),
+                           joint_var.repeat_interleave(per_channel, dim=1).reshape(-1), weight, bias, False, 0.0, norm.eps)
+        return out.view_as(x).to(x.dtype)
+    # With a gradient (Spatial Guidance's backward pass) the statistics must stay on the graph: batch norm's
+    # running statistics are not. Normalisation and affine folded into one per-channel x * scale + shift.
+    scale = torch.rsqrt(joint_var + norm.eps).repeat_interleave(per_channel, dim=1)
+    shift = -joint_mean.repeat_interleave(per_channel, dim=1) * scale
     if norm.weight is not None:
         weight, bias = norm.weight.to(scale), norm.bias.to(scale)
         scale, shift = scale * weight, shift * weight + bias
-    per_channel = (batch, channels) + (1,) * (x.ndim - 2)
-    return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel)).to(x.dtype)
+    shape = (batch, channels) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.view(shape), features, scale.view(shape)).to(x.dtype)
 
 
 def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
                        reference_of_row: Callable[[int], torch.Tensor | None]) -> list[RemovableHandle]:
-    """Make each GroupNorm in `norms` share statistics with the reference (`joint_group_norm`) through a forward hook.
+    """Make each GroupNorm in `norms` share statistics with the reference (`joint_group_norm`) through hooks.
 
     `reference_of_row(batch)` gives the reference row of every row for the batch at hand, or None
-    to leave that call plain. Hooks replace no module and no `forward`; removing the returned
-    handles restores the modules exactly.
+    to leave that call plain. The pre-hook hands the module an empty batch, so its own normalisation
+    costs nothing, and the forward hook returns the joint one: shared GroupNorm costs what GroupNorm
+    costs. Hooks replace no module and no `forward`; removing the returned handles restores the
+    modules exactly.
     """
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module id -> (input, reference rows) of the call in flight
+
+    def skip_own(module: torch.nn.GroupNorm, args: tuple) -> tuple | None:
+        refs = reference_of_row(args[0].shape[0])
+        if refs is None:
+            return None
+        held[id(module)] = (args[0], refs)
+        return (args[0][:0], *args[1:])
 
     def share_statistics(module: torch.nn.GroupNorm, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        refs = reference_of_row(args[0].shape[0])
-        return None if refs is None else joint_group_norm(args[0], refs.to(args[0].device), module)
+        call = held.pop(id(module), None)
+        if call is None:
+            return None
+        x, refs = call
+        return joint_group_norm(x, refs.to(x.device), module)
 
-    return [norm.register_forward_hook(share_statistics) for norm in norms]
+    return [handle for norm in norms
+            for handle in (norm.register_forward_pre_hook(skip_own), norm.register_forward_hook(share_statistics))]
 
 
 def zero_reference_control(control: dict[str, list[torch.Tensor | None]], layout: ChunkLayout) -> dict[str, list[torch.Tensor | None]]:

@@ -207,3 +207,22 @@ def test_lambda_t_drops_down_residuals_late_and_keeps_the_middle():
     assert late["output"] == [None, None] and late["middle"] is control["middle"] and late["input"] is control["input"]
     assert release_control_geometry(control, 850.0, 0.85) is control
     assert release_control_geometry(control, 10.0, 0.0) is control
+
+
+def test_joint_group_norm_with_a_gradient_is_the_stacked_group_norms_gradient():
+    """The autograd path (Spatial Guidance through shared GroupNorm) keeps the statistics on the graph."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 8, 5, 7, generator=g, dtype=torch.float64) * 3 + 2)
+    norm = torch.nn.GroupNorm(2, 8).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    refs = chunk_layout(2, 4).reference_of_row()
+    upstream = torch.randn(4, 8, 5, 7, generator=g, dtype=torch.float64)
+    gradients = []
+    for function in (joint_group_norm, shared_norm):
+        leaf = x.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad((function(leaf, refs, norm) * upstream).sum(), leaf)
+        gradients.append(gradient)
+    torch.testing.assert_close(*gradients)
+    with torch.no_grad():  # the fused path gives the same values
+        torch.testing.assert_close(joint_group_norm(x, refs, norm), shared_norm(x, refs, norm))
