@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..core.adapter import mask_features
 from ..core.blend import check_mask
 from ..core.errors import InputError
-from .common import CATEGORY, HIDDEN, check_widgets, node_label
+from .common import CATEGORY, HIDDEN, checked_label
 
 MASKED_ADAPTER = "MultiCond_MaskedAdapter"
 RESIZE_MODES = ("nearest", "bilinear", "area")
@@ -139,8 +139,7 @@ class MaskedAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, positive: list, negative: list, mask: torch.Tensor, resize: str, feather: float,
                 level_strengths: str) -> io.NodeOutput:
-        label = node_label(cls, MASKED_ADAPTER)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         problem = check_mask(mask)
         if problem is not None:
             raise InputError(label, "mask", problem, "Use a MASK of shape (height, width) or (batch, height, width).")

@@ -20,7 +20,7 @@ from ..core.errors import InputError
 from ..core.inversion import ddim_timesteps
 from ..core.layers import (LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced,
                            selection_chart)
-from .common import CATEGORY, HIDDEN, check_widgets, model_layout, node_label
+from .common import CATEGORY, HIDDEN, checked_label, model_layout
 from .style import LayerSelectionInput
 
 LAYER_BALANCE = "MultiCond_LayerBalance"
@@ -113,8 +113,7 @@ class LayerBalance(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, source: str, grading: str, lambda_s: float, preset: str, only_self_level: float,
                 blocks: str, lambda_t: float = 0.85, group_norm: str = "as the method") -> io.NodeOutput:
-        label = node_label(cls, LAYER_BALANCE)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         layout = model_layout(model, label)
         if source == "grading":
             selection = grading_selection(layout, grading, lambda_s)
@@ -125,5 +124,5 @@ class LayerBalance(io.ComfyNode):
         columns = sorted(selection.schedule, reverse=True) if selection.per_timestep else ddim_timesteps(50)
         preview = selection_chart(selection, layout.layers, columns).unsqueeze(0)
         chosen = GROUP_NORM[group_norm]
-        return io.NodeOutput(replace(selection, lambda_t=lambda_t, **({} if chosen is None else {"group_norm": chosen})),
-                             preview)
+        group_norm_choice = selection.group_norm if chosen is None else chosen
+        return io.NodeOutput(replace(selection, lambda_t=lambda_t, group_norm=group_norm_choice), preview)

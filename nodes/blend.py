@@ -21,8 +21,8 @@ from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNE
                           dual_context_attention, latent_weights, layer_weights, rows_of, side_factor)
 from ..core.errors import InputError
 from ..core.layers import LayerId, LayerSelection
-from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, SECOND_CONTEXT, SECOND_TOKENS, check_widgets, existing_replace,
-                     model_layout, node_label, plain_attention, selection_allows)
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, SECOND_CONTEXT, SECOND_TOKENS, checked_label, existing_replace,
+                     model_layout, plain_attention, selection_allows)
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
 CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
@@ -237,8 +237,7 @@ class EpsilonBlend(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, first: list, second: list, profile: str, direction: str, angle: float, center: float,
                 sharpness: float, ramp_width: float, weighting: str, mask: torch.Tensor | None = None) -> io.NodeOutput:
-        label = node_label(cls, EPSILON_BLEND)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         for name, conditioning in (("first", first), ("second", second)):
             if not conditioning:
                 raise InputError(label, name, "the conditioning is empty", f"Connect a prompt to {name} (CLIP Text Encode).")
@@ -346,8 +345,7 @@ class CrossAttnBlend(io.ComfyNode):
     def execute(cls, model: Any, second: list, profile: str, direction: str, angle: float, center: float,
                 sharpness: float, ramp_width: float, mask: torch.Tensor | None = None,
                 layers: LayerSelection | None = None) -> io.NodeOutput:
-        label = node_label(cls, CROSS_ATTN_BLEND)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         layout = model_layout(model, label)
         context = second_context(model, second)
         weights = blend_weights(label, profile, direction, angle, center, sharpness, ramp_width, mask)

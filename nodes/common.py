@@ -34,12 +34,15 @@ def node_label(node: type[io.ComfyNode], node_id: str) -> str:
     return f"{node_id} '{title}' (#{number})" if title else f"{node_id} (#{number})"
 
 
-def check_widgets(node: type[io.ComfyNode], label: str, values: dict[str, Any]) -> None:
-    """Every widget value as its schema allows: an option of its list, a finite number within range.
+def checked_label(node: type[io.ComfyNode], values: dict[str, Any]) -> str:
+    """The node's label for errors, once every widget value is as its schema allows: an option of its
+    list, a finite number within range.
 
     ComfyUI 0.3.64 does not check V3 option lists, and no host refuses NaN (it fails no comparison).
     """
-    for spec in node.define_schema().inputs:
+    schema = node.define_schema()
+    label = node_label(node, schema.node_id)
+    for spec in schema.inputs:
         value = values.get(spec.id)
         if value is None:
             continue
@@ -51,6 +54,7 @@ def check_widgets(node: type[io.ComfyNode], label: str, values: dict[str, Any]) 
             if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
                 raise InputError(label, spec.id, f"{value!r} is not a finite number within {low}..{high}",
                                  f"Set a value from {low} to {high}.")
+    return label
 
 
 # Checked in this order: SDXL derivatives subclass SDXL, SD2.x models subclass SD20.

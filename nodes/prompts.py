@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from .common import CATEGORY, HIDDEN, check_widgets, node_label
+from .common import CATEGORY, HIDDEN, checked_label
 
 BATCH_PROMPTS = "MultiCond_BatchPrompts"
 MAX_BATCH = 4096  # as EmptyLatentImage
@@ -109,8 +109,7 @@ class BatchPrompts(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip: Any, prompts: str, batch_size: int, style: str = "") -> io.NodeOutput:
-        label = node_label(cls, BATCH_PROMPTS)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         if clip is None:
             raise InputError(label, "clip", "no CLIP model", "Connect a CLIP (the checkpoint may have none).")
         return io.NodeOutput(batch_conditioning(clip, fill_batch(prompt_lines(prompts, style), batch_size)))

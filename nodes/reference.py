@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..core.errors import InputError
 from ..core.inversion import INVERSION_GUIDANCE, PIN_OFFSET, ddim_invert, ddim_timesteps, nearest_step, pinned_step
-from .common import CATEGORY, HIDDEN, batch_layout, check_widgets, model_layout, node_label, without_pack_patches
+from .common import CATEGORY, HIDDEN, batch_layout, checked_label, model_layout, without_pack_patches
 from .style import StylePatch
 
 STYLE_REFERENCE = "MultiCond_StyleReference"
@@ -128,8 +128,7 @@ class StyleReference(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, vae: Any, image: torch.Tensor, positive: Any, negative: Any, reference_index: int,
                 inversion_steps: int, inversion_cfg: float, offset: int) -> io.NodeOutput:
-        label = node_label(cls, STYLE_REFERENCE)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         model_layout(model, label)
         if image.ndim != 4 or image.shape[0] != 1:
             raise InputError(label, "image", f"expected one image, got a batch of shape {tuple(image.shape)}",

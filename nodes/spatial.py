@@ -29,8 +29,8 @@ from ..core.inference_grad import guided_autograd
 from ..core.layers import LayerId
 from ..core.spatial import (PHI, RELATIONS, LayerMaps, SpatialSettings, attention_with_maps, find_subsequence,
                             guidance_layers, guidance_loss, guided_denoised, parse_relation)
-from .common import (CATEGORY, HIDDEN, SECOND_CONTEXT, SECOND_TOKENS, check_widgets, current_sigma, existing_replace,
-                     model_layout, node_label, plain_attention, sigma_range)
+from .common import (CATEGORY, HIDDEN, SECOND_CONTEXT, SECOND_TOKENS, checked_label, current_sigma, existing_replace,
+                     model_layout, plain_attention, sigma_range)
 
 SPATIAL_GUIDANCE = "MultiCond_SpatialGuidance"
 WRAPPER_KEY = "multicond.spatial_guidance"
@@ -279,8 +279,7 @@ class SpatialGuidance(io.ComfyNode):
     def execute(cls, model: Any, clip: Any, text: str, object_a: str, relation: str, object_b: str, weight: float,
                 start_percent: float, end_percent: float, phi: str, alpha: float, margin: float, lambda_spatial: float,
                 lambda_presence: float, lambda_balance: float) -> io.NodeOutput:
-        label = node_label(cls, SPATIAL_GUIDANCE)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         if weight == 0:
             logging.warning("%s: weight 0, no guidance", label)
         layout = model_layout(model, label)

@@ -19,8 +19,8 @@ from ..core.errors import InputError
 from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
-from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, batch_layout, check_widgets, current_sigma, existing_replace,
-                     model_layout, node_label, plain_attention, sigma_range, sigma_timestep)
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, batch_layout, checked_label, current_sigma, existing_replace,
+                     model_layout, plain_attention, sigma_range, sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
@@ -205,8 +205,7 @@ class SharedAttention(io.ComfyNode):
                 full_attention_share: bool, share_group_norm: bool, zero_reference_control: bool,
                 reference_index: int, start_percent: float, end_percent: float,
                 layers: LayerSelection | None = None) -> io.NodeOutput:
-        label = node_label(cls, SHARED_ATTENTION)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         if not (share_attention or full_attention_share or share_group_norm):
             raise InputError(label, "share_attention", "share_attention, full_attention_share and share_group_norm "
                              "are all off: the node would change nothing", "Turn one on, or bypass the node.")
@@ -248,8 +247,7 @@ class AdaINStyle(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, queries: bool, keys: bool, values: bool, strength: float, reference_index: int,
                 start_percent: float, end_percent: float, layers: LayerSelection | None = None) -> io.NodeOutput:
-        label = node_label(cls, ADAIN_STYLE)
-        check_widgets(cls, label, locals())
+        label = checked_label(cls, locals())
         high, low = sigma_range(model, start_percent, end_percent, ADAIN_STYLE)
         settings = AdaINSettings(queries, keys, values, strength)
         if not settings.any:
