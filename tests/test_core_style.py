@@ -226,3 +226,16 @@ def test_joint_group_norm_with_a_gradient_is_the_stacked_group_norms_gradient():
     torch.testing.assert_close(*gradients)
     with torch.no_grad():  # the fused path gives the same values
         torch.testing.assert_close(joint_group_norm(x, refs, norm), shared_norm(x, refs, norm))
+
+
+def test_joint_group_norm_keeps_channels_last_inputs_right():
+    """The in-place rescaling of GroupNorm's own output works in whatever memory format the kernel returns."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 8, 6, 5, generator=g) * 2 + 1
+    norm = torch.nn.GroupNorm(2, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    refs = chunk_layout(2, 4).reference_of_row()
+    with torch.no_grad():
+        torch.testing.assert_close(joint_group_norm(x.to(memory_format=torch.channels_last), refs, norm),
+                                   shared_norm(x, refs, norm), atol=1e-5, rtol=1e-5)
