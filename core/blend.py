@@ -97,6 +97,23 @@ def check_mask(mask: torch.Tensor) -> str | None:
     return None
 
 
+STRETCH_TOLERANCE = 0.02  # aspect ratios closer than 2 % are rounding of sizes to multiples of 8, not a different shape
+
+
+def stretch_note(mask_size: tuple[int, int], latent_size: tuple[int, int]) -> str | None:
+    """What resizing a `(height, width)` mask to a latent of another aspect ratio does, or None when it keeps the shape.
+
+    The mask is stretched to the latent, as ComfyUI's own masked conditioning does (`get_area_and_mult`
+    interpolates the mask to the latent's size): said, since a region drawn on another frame moves.
+    """
+    mask_aspect, latent_aspect = mask_size[1] / mask_size[0], latent_size[1] / latent_size[0]
+    if abs(mask_aspect / latent_aspect - 1) <= STRETCH_TOLERANCE:
+        return None
+    return (f"the mask is {mask_size[1]}x{mask_size[0]} (aspect {mask_aspect:.2f}) but the latent is "
+            f"{latent_size[1]}x{latent_size[0]} (aspect {latent_aspect:.2f}): it is stretched to the latent, as "
+            "ComfyUI's masked conditioning does; draw it at the image's aspect ratio to place regions exactly")
+
+
 def mask_weights(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A `(H, W)` or `(M, H, W)` mask as `(M, height, width)` weights, resized bilinearly as ComfyUI's masked conditioning."""
     problem = check_mask(mask)

@@ -9,6 +9,7 @@ controls applied earlier, which keep working unmasked (mask them with another Ma
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any
 
@@ -17,9 +18,9 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import mask_features
-from ..core.blend import check_mask
+from ..core.blend import check_mask, stretch_note
 from ..core.errors import InputError
-from .common import CATEGORY, HIDDEN, checked_label
+from .common import CATEGORY, HIDDEN, checked_label, search_aliases
 
 MASKED_ADAPTER = "MultiCond_MaskedAdapter"
 RESIZE_MODES = ("nearest", "bilinear", "area")
@@ -42,7 +43,16 @@ class MaskedControl:
         if masks not in (1, images):
             raise InputError(self.node, "mask", f"{masks} masks for a latent batch of {images} images",
                              "Give one mask, or one per latent image.")
+        self._note_stretch(tuple(x_noisy.shape[-2:]))
         return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
+
+    def _note_stretch(self, latent_size: tuple[int, int]) -> None:
+        """Warn, once per latent size and sampling, when the mask is stretched to the latent."""
+        if getattr(self, "stretch_noted", None) == latent_size:
+            return
+        self.stretch_noted = latent_size
+        if note := stretch_note(tuple(self.effect_mask.shape[-2:]), latent_size):
+            logging.warning("%s: %s.", self.node, note)
 
     def control_merge(self, control: dict, control_prev: dict | None, output_dtype: Any) -> dict:
         # Resolution levels, finest first, from the widths this call's residuals come at.
@@ -110,7 +120,9 @@ class MaskedAdapter(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=MASKED_ADAPTER,
-            display_name="Masked Adapter (localized control)",
+            **search_aliases("controlnet mask", "masked controlnet", "regional controlnet", "t2i adapter",
+                             "t2i-adapter mask", "local control"),
+            display_name="Masked ControlNet / T2I-Adapter (localized control)",
             category=f"{CATEGORY}/control",
             description="Localized control (Domingo-Gregorio et al.): the T2I-Adapter or ControlNet last applied to these "
                         "conditionings acts only inside the mask; every residual is multiplied by the mask resized to "
@@ -121,7 +133,9 @@ class MaskedAdapter(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The positive from Apply ControlNet (it carries the control)."),
                 io.Conditioning.Input("negative", tooltip="The negative from the same Apply ControlNet."),
                 io.Mask.Input("mask", tooltip="Where the control acts (1) and where it does not (0): an effect mask, "
-                                              "not an inpainting mask. One mask or one per latent image."),
+                                              "not an inpainting mask. One mask or one per latent image; one of "
+                                              "another aspect ratio is stretched to the latent, as ComfyUI's masked "
+                                              "conditioning does (the log says so)."),
                 io.Combo.Input("resize", options=list(RESIZE_MODES), default="nearest",
                                tooltip="How the mask is resized to each residual (paper: nearest)."),
                 io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=0.5,

@@ -9,6 +9,7 @@ splits them again in every cross-attention layer (attn2 replace), blending per i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,11 @@ import torch
 from comfy_api.latest import io
 
 from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, Weights, check_mask,
-                          dual_context_attention, latent_weights, layer_weights, rows_of, side_factor)
+                          dual_context_attention, latent_weights, layer_weights, rows_of, side_factor, stretch_note)
 from ..core.errors import InputError
 from ..core.layers import LayerId, LayerSelection
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, SECOND_CONTEXT, SECOND_TOKENS, checked_label, existing_replace,
-                     model_layout, plain_attention, selection_allows)
+                     model_layout, plain_attention, search_aliases, selection_allows)
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
 CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
@@ -48,6 +49,7 @@ class BlendWeights:
         """`(images or 1, height, width)` weights at a latent's size."""
         key = ("latent", height, width, images, device)
         if key not in self.cache:
+            self._note_stretch(height, width)
             self.cache[key] = self._rows(latent_weights(self.weights, height, width), images).to(device)
         return self.cache[key]
 
@@ -55,11 +57,21 @@ class BlendWeights:
         """`(images or 1, tokens, 1)` weights for a layer of `layer` (height, width) inside a latent of `latent`."""
         key = ("layer", latent, layer, images, device)
         if key not in self.cache:
+            self._note_stretch(*latent)
             weights = self._rows(layer_weights(self.weights, latent, layer), images)
             self.cache[key] = weights.reshape(weights.shape[0], -1, 1).to(device)
         cached = self.cache[key]
         # Built during an inference-mode step, the cache is an inference tensor autograd cannot save (Spatial Guidance).
         return cached.clone() if torch.is_grad_enabled() and cached.is_inference() else cached
+
+    def _note_stretch(self, height: int, width: int) -> None:
+        """Warn, once per latent size, when a mask is stretched to the latent."""
+        key = ("stretch noted", height, width)
+        if key in self.cache or not isinstance(self.weights, torch.Tensor):
+            return
+        self.cache[key] = torch.empty(0)
+        if note := stretch_note(tuple(self.weights.shape[-2:]), (height, width)):
+            logging.warning("%s: %s.", self.node, note)
 
     def _rows(self, weights: torch.Tensor, images: int) -> torch.Tensor:
         if weights.shape[0] == 1:
@@ -196,7 +208,8 @@ def _profile_inputs(sharpness: float) -> list:
 def _mask_input() -> io.Mask.Input:
     return io.Mask.Input("mask", optional=True,
                          tooltip="With profile 'mask': the first prompt's weight (1 = first, 0 = second), resized "
-                                 "to the latent; one mask or one per image.")
+                                 "to the latent; one mask or one per image. A mask of another aspect ratio is "
+                                 "stretched, as ComfyUI's masked conditioning does (the log says so).")
 
 
 class EpsilonBlend(io.ComfyNode):
@@ -205,16 +218,17 @@ class EpsilonBlend(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=EPSILON_BLEND,
+            **search_aliases("regional prompt", "regional", "two prompts", "dual style", "style mix", "blend prompts"),
             display_name="Epsilon Blend (dual style)",
             category=f"{CATEGORY}/blend",
-            description="Two prompts in one image (Goldszal & Mercier): each step the model predicts the noise for "
-                        "both prompts and blends the predictions with a spatial profile built at the latent's exact "
-                        "size; the negative is shared, which equals the paper's blend of the two CFG'd predictions. "
-                        "ConditioningSetMask + Combine can do a similar blend from a hand-made mask; it divides "
-                        "by the summed weight of all entries, so strengths and masks already on the prompts weigh "
-                        "against the profile. Here 'complementary' averages each prompt on its own and then takes "
-                        "w and 1 - w (the paper); 'normalised' follows ConditioningSetMask's rule. Wire both "
-                        "outputs into the sampler.",
+            description="Regional prompting, two prompts in one image (Goldszal & Mercier): each step the model "
+                        "predicts the noise for both prompts and blends the predictions with a spatial profile built "
+                        "at the latent's exact size; the negative is shared, which equals the paper's blend of the two "
+                        "CFG'd predictions. ConditioningSetMask + Combine can do a similar blend from a hand-made "
+                        "mask; it divides by the summed weight of all entries, so strengths and masks already on the "
+                        "prompts weigh against the profile. Here 'complementary' averages each prompt on its own and "
+                        "then takes w and 1 - w (the paper); 'normalised' follows ConditioningSetMask's rule. Wire "
+                        "both outputs into the sampler.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (any image model)."),
                 io.Conditioning.Input("first", tooltip="The first style's prompt (left with the default direction)."),
@@ -321,12 +335,14 @@ class CrossAttnBlend(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=CROSS_ATTN_BLEND,
+            **search_aliases("regional prompt", "regional", "attention couple", "two prompts", "dual style",
+                             "blend prompts"),
             display_name="Cross-Attention Blend (dual style)",
             category=f"{CATEGORY}/blend",
-            description="Two prompts in one image (Goldszal & Mercier): every cross-attention layer attends to the "
-                        "sampler's positive prompt and to a second prompt, and blends the two outputs per image "
-                        "token with a spatial profile at that layer's own size. The negative attends as usual. "
-                        "One model call per step; only the cross-attention work grows.",
+            description="Regional prompting, two prompts in one image (Goldszal & Mercier): every cross-attention "
+                        "layer attends to the sampler's positive prompt and to a second prompt, and blends the two "
+                        "outputs per image token with a spatial profile at that layer's own size. The negative attends "
+                        "as usual. One model call per step; only the cross-attention work grows.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
                 io.Conditioning.Input("second", tooltip="The second style's prompt (right with the default direction); "

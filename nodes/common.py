@@ -24,6 +24,11 @@ SECOND_CONTEXT = "multicond_second_context"  # set on the call of a delegated pa
 HIDDEN = [io.Hidden.unique_id, io.Hidden.prompt]  # what node_label reads: every node's schema asks for them
 
 
+def search_aliases(*terms: str) -> dict[str, list[str]]:
+    """The schema keyword for what users type to find a node; hosts older than search aliases take none."""
+    return {"search_aliases": list(terms)} if "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {}) else {}
+
+
 def node_label(node: type[io.ComfyNode], node_id: str) -> str:
     """How errors name a node: its id, and its title and number in the graph when the host passes them."""
     hidden = getattr(node, "hidden", None)

@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from .common import CATEGORY, HIDDEN, checked_label
+from .common import CATEGORY, HIDDEN, checked_label, search_aliases
 
 BATCH_PROMPTS = "MultiCond_BatchPrompts"
 MAX_BATCH = 4096  # as EmptyLatentImage
@@ -84,6 +84,7 @@ class BatchPrompts(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=BATCH_PROMPTS,
+            **search_aliases("prompt list", "multiple prompts", "prompt batch", "one prompt per image"),
             display_name="Batch Prompts (one per image)",
             category=f"{CATEGORY}/style",
             description="One prompt per image of the latent batch, as StyleAligned's sets of prompts: line 1 is "

@@ -30,7 +30,7 @@ from ..core.layers import LayerId
 from ..core.spatial import (PHI, RELATIONS, LayerMaps, SpatialSettings, attention_with_maps, find_subsequence,
                             guidance_layers, guidance_loss, guided_denoised, parse_relation)
 from .common import (CATEGORY, HIDDEN, SECOND_CONTEXT, SECOND_TOKENS, checked_label, current_sigma, existing_replace,
-                     model_layout, plain_attention, sigma_range)
+                     model_layout, plain_attention, search_aliases, sigma_range)
 
 SPATIAL_GUIDANCE = "MultiCond_SpatialGuidance"
 WRAPPER_KEY = "multicond.spatial_guidance"
@@ -235,11 +235,14 @@ class SpatialGuidance(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=SPATIAL_GUIDANCE,
+            **search_aliases("layout", "object placement", "spatial relation", "position", "left of",
+                             "regional layout"),
             display_name="Spatial Guidance (InfSplign)",
             category=f"{CATEGORY}/spatial",
-            description="InfSplign (Rastegar et al.): each guided step pushes the noise along the gradient of a loss "
-                        "on the cross-attention maps of two words, so 'A to the left of B' comes out as written. "
-                        "Encodes the prompt itself: use its positive output. About twice the time of a plain step.",
+            description="Layout from the prompt, InfSplign (Rastegar et al.): each guided step pushes the noise along "
+                        "the gradient of a loss on the cross-attention maps of two words, so 'A to the left of B' "
+                        "comes out as written. Encodes the prompt itself: use its positive output. About twice the "
+                        "time of a plain step.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
                 io.Clip.Input("clip", tooltip="The model's CLIP: encodes the prompt and finds the words' tokens."),

@@ -20,7 +20,7 @@ from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, batch_layout, checked_label, current_sigma, existing_replace,
-                     model_layout, plain_attention, sigma_range, sigma_timestep)
+                     model_layout, plain_attention, search_aliases, sigma_range, sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
@@ -171,11 +171,13 @@ class SharedAttention(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=SHARED_ATTENTION,
+            **search_aliases("style aligned", "style transfer", "consistent style", "same style batch",
+                             "shared attention"),
             display_name="Shared Attention (StyleAligned)",
             category=f"{CATEGORY}/style",
-            description="StyleAligned (Hertz et al. 2023): every image of the latent batch also attends to the "
-                        "reference image's keys and values in self-attention, so the batch shares one style. "
-                        "Add AdaIN Style for the paper's full method.",
+            description="Style transfer across a batch, StyleAligned (Hertz et al. 2023): every image of the latent "
+                        "batch also attends to the reference image's keys and values in self-attention, so the batch "
+                        "shares one style. Add AdaIN Style for the paper's full method.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
                 io.Boolean.Input("share_attention", default=True,
@@ -226,11 +228,12 @@ class AdaINStyle(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=ADAIN_STYLE,
+            **search_aliases("adain", "style transfer", "style aligned", "consistent style"),
             display_name="AdaIN Style (StyleAligned)",
             category=f"{CATEGORY}/style",
-            description="StyleAligned's AdaIN: in self-attention, each image's projected queries/keys/values take "
-                        "the per-channel token mean and std of the reference image's. Composes with Shared "
-                        "Attention in either order.",
+            description="StyleAligned's AdaIN: in self-attention, each image's projected queries/keys/values take the "
+                        "per-channel token mean and std of the reference image's. Composes with Shared Attention in "
+                        "either order.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
                 io.Boolean.Input("queries", default=True, tooltip="AdaIN on the queries (paper: on)."),

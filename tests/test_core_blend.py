@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multicond.core.attention import sdpa_attention
-from multicond.core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend,
+from multicond.core.blend import (stretch_note, CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, axis_position, blend,
                                   dual_context_attention, latent_weights, layer_weights, mask_weights, pool_weights,
                                   profile_weights, rows_of, side_factor)
 
@@ -224,3 +224,10 @@ def test_latent_and_layer_weights_of_a_profile_and_a_mask():
     assert latent_weights(mask, 16, 24).shape == (1, 16, 24)
     coarse = layer_weights(mask, (16, 24), (4, 6))[0]
     assert coarse[:, :3].eq(1).all() and coarse[:, 3:].eq(0).all()
+
+
+def test_a_mask_of_another_aspect_ratio_is_named_as_stretched():
+    note = stretch_note((512, 512), (64, 96))
+    assert note is not None and "512x512" in note and "96x64" in note and "stretched" in note
+    assert stretch_note((768, 512), (96, 64)) is None  # same shape at another scale
+    assert stretch_note((1000, 1512), (125, 188)) is None  # within the rounding of sizes to multiples of 8

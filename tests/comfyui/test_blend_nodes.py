@@ -336,3 +336,25 @@ def test_epsilon_blend_refuses_a_latent_that_is_not_an_image():
     video = torch.zeros(1, 4, 3, 8, 8)
     with pytest.raises(InputError, match="MultiCond_EpsilonBlend: input 'model'.*5 dimensions"):
         EpsilonBlendWrapper(EPSILON_BLEND)(lambda *args: None, None, [entries], video, torch.tensor([1.0]), {})
+
+
+def test_a_mask_of_another_aspect_ratio_is_stretched_with_one_warning_per_size(caplog):
+    """ComfyUI's masked-conditioning rule (stretch to the latent), said once in the log, for both blend nodes."""
+    model = tiny.build("sd15")
+    first, second = prompts("sd15")
+    square = torch.zeros(32, 32)
+    square[:, :16] = 1.0
+    patched, positive = epsilon(model, first, second, mask=square)
+    with caplog.at_level("WARNING"):
+        tiny.sample(patched, "sd15", positive=positive, latent=torch.zeros(1, 4, 16, 24))
+    notes = [r.getMessage() for r in caplog.records if "stretched" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("MultiCond_EpsilonBlend") and "32x32" in notes[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiny.sample(cross(model, second, mask=square), "sd15", positive=first, latent=torch.zeros(1, 4, 16, 24))
+    notes = [r.getMessage() for r in caplog.records if "stretched" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("MultiCond_CrossAttnBlend")
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same shape at another scale is not a stretch
+        tiny.sample(cross(model, second, mask=torch.zeros(64, 96)), "sd15", positive=first, latent=torch.zeros(1, 4, 16, 24))
+    assert not [r for r in caplog.records if "stretched" in r.getMessage()]

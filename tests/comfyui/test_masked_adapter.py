@@ -154,3 +154,16 @@ def test_bad_input_is_named():
         masked(*controlled, torch.ones(1, 1, 8, 8))
     with pytest.raises(InputError, match="input 'level_strengths'"):
         masked(*controlled, torch.ones(8, 8), level_strengths="strong")
+
+
+def test_a_mask_of_another_aspect_ratio_is_stretched_with_one_warning(caplog):
+    kind, model, control = "sd15", tiny.build("sd15"), tiny.build_controlnet("sd15")
+    positive, negative = apply_control(control, tiny.conditioning(kind, 1), tiny.conditioning(kind, 2))
+    with caplog.at_level("WARNING"):
+        run(model, kind, *masked(positive, negative, torch.ones(64, 64)))
+    notes = [r.getMessage() for r in caplog.records if "stretched" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("MultiCond_MaskedAdapter") and "64x64" in notes[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run(model, kind, *masked(positive, negative, torch.ones(LATENT[0] * 8, LATENT[1] * 8)))
+    assert not [r for r in caplog.records if "stretched" in r.getMessage()]
