@@ -20,7 +20,7 @@ from ..core.errors import InputError
 from ..core.inversion import ddim_timesteps
 from ..core.layers import (LayerSelection, UNetLayout, select_all, select_blocks, select_evenly_spaced,
                            selection_chart)
-from .common import CATEGORY, HIDDEN, checked_label, model_layout
+from .common import CATEGORY, HIDDEN, checked_label, model_layout, search_aliases
 from .style import LayerSelectionInput
 
 LAYER_BALANCE = "MultiCond_LayerBalance"
@@ -68,6 +68,8 @@ class LayerBalance(io.ComfyNode):
         return io.Schema(
             hidden=HIDDEN,
             node_id=LAYER_BALANCE,
+            **search_aliases("conditional balance", "style strength", "style blocks", "block weights",
+                             "layer selection"),
             display_name="Layer Balance (Conditional Balance)",
             category=f"{CATEGORY}/style",
             description="Chooses the self-attention layers that Shared Attention and AdaIN Style act on. From a "
@@ -75,24 +77,25 @@ class LayerBalance(io.ComfyNode):
                         "share attention where q or k is chosen (Cohen et al. 2025); or a preset; or a block list.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the selection is for (its architecture and layers)."),
-                io.Combo.Input("source", options=list(SOURCES), default="grading",
-                               tooltip="grading: per-step choice from a grading file; preset: a fixed set; "
-                                       "blocks: the block list below."),
+                io.Combo.Input("source", options=list(SOURCES), default="preset",
+                               tooltip="grading: Conditional Balance's per-step choice from a grading file (put one "
+                                       f"in models/{GRADINGS}/); preset: a fixed set; blocks: the block list below. "
+                                       "The inputs the chosen source does not use are hidden."),
                 io.Combo.Input("grading", options=[NO_GRADING, *folder_paths.get_filename_list(GRADINGS)],
                                tooltip=f"A grading file from models/{GRADINGS}/ (the published SDXL gradings "
                                        "style_layer_grading / style_balance_grading_v, or one this pack computed)."),
                 io.Float.Input("lambda_s", default=0.43, min=0.0, max=1000.0, step=0.01,
                                tooltip="How many layers carry the style: a fraction of the model's self-attention "
                                        "layers in [0, 1] (paper: 0.43; 0.57 with a ControlNet; 0: none) or a whole count."),
-                io.Combo.Input("preset", options=list(PRESETS), default=PRESETS[0],
+                io.Combo.Input("preset", options=list(PRESETS), default=PRESETS[1],
                                tooltip="With source 'preset': every layer, IPAdapter's style or composition blocks, "
                                        "or StyleAligned's evenly spaced only_self_level choice."),
                 io.Float.Input("only_self_level", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="For the evenly spaced preset: the fraction of layers left unshared "
                                        "(StyleAligned's only_self_level)."),
-                io.String.Input("blocks", default="output.1", multiline=False,
-                                tooltip="With source 'blocks': e.g. 'output.1, input.8:0-3, middle' "
-                                        "(':a-b' picks transformer depths)."),
+                io.String.Input("blocks", default="output", multiline=False,
+                                tooltip="With source 'blocks': e.g. 'output' (every output block), 'output.1, "
+                                        "input.8:0-3, middle' (':a-b' picks transformer depths)."),
                 io.Float.Input("lambda_t", default=0.85, min=0.0, max=1.0, step=0.01,
                                tooltip="With a ControlNet: below timestep lambda_t*1000 its down-block residuals are "
                                        "dropped (the mid-block one kept), freeing the geometry late in sampling "

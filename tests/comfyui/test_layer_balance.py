@@ -224,3 +224,46 @@ def test_lambda_s_zero_selects_no_layer_as_the_original(grading_file, caplog):
     assert not nothing.layers and "selects no layer" in caplog.text
     styled = adain(shared(model, layers=nothing), layers=nothing)
     assert torch.equal(tiny.sample(styled, "sd15", batch=3, steps=2), tiny.sample(model, "sd15", batch=3, steps=2))
+
+
+@pytest.mark.parametrize("kind", ["sd15_shaped", "sdxl_shaped", "sdxl"])
+def test_the_defaults_select_layers_on_every_family(kind):
+    """Dropped in with nothing changed, the node gives a fixed style-block selection (no file needed) on the real
+    SD1.x and SDXL layouts (the *_shaped tiny models)."""
+    from .graph import call
+
+    model = tiny.build(kind)
+    selection, preview = call(LayerBalance, model=model)
+    layers = model_layout(model, "test").layers
+    assert 0 < len(selection.layers) < len(layers) or len(layers) <= 2
+    assert preview.shape[1] == 6 * len(layers)  # a 6-pixel row per self-attention layer
+    blocks, _ = call(LayerBalance, model=model, source="blocks")
+    assert blocks.layers and all(layer.block == "output" for layer in blocks.layers)
+
+
+def test_the_frontend_hides_exactly_the_inputs_a_source_does_not_use():
+    """web/js/layer_balance_inputs.js (run by node) names this schema's inputs, and each source keeps its own."""
+    import json
+    import shutil
+    import subprocess
+
+    from .comfy_host import ROOT
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the frontend rule cannot be run")
+    rule = (ROOT / "web" / "js" / "layer_balance_inputs.js").as_uri()
+    script = (f"import('{rule}').then(m => console.log(JSON.stringify({{sources: m.SOURCE_INPUTS, "
+              "grading: m.unusedInputs('grading'), blocks: m.unusedInputs('blocks'), "
+              "preset: m.unusedInputs('preset', 'all layers'), "
+              "evenly: m.unusedInputs('preset', m.EVENLY_SPACED)})))")
+    run = subprocess.run(["node", "-e", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    schema_inputs = {item.id for item in LayerBalance.define_schema().inputs}
+    per_source = {name for names in found["sources"].values() for name in names}
+    assert set(found["sources"]) == {"grading", "preset", "blocks"}
+    assert per_source <= schema_inputs and schema_inputs - per_source == {"model", "source", "lambda_t", "group_norm"}
+    assert set(found["grading"]) == per_source - {"grading", "lambda_s"}
+    assert set(found["blocks"]) == per_source - {"blocks"}
+    assert set(found["preset"]) == per_source - {"preset"}
+    assert set(found["evenly"]) == per_source - {"preset", "only_self_level"}

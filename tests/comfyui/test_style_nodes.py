@@ -258,3 +258,38 @@ def test_a_real_controlnet_gives_the_reference_row_no_control():
     assert received and residuals
     for residual in residuals:
         assert residual[[1, 4]].abs().max() == 0 and residual[[0, 2, 3, 5]].abs().amax(dim=(1, 2, 3)).min() > 0
+
+
+def test_a_connected_latent_is_checked_before_the_inversion_runs(monkeypatch):
+    """Size and reference row are refused before minutes of inversion, not at the first sampling step."""
+    import multicond.nodes.reference as reference
+
+    model, vae = tiny.build("sd15"), tiny.build_vae()
+    inverted = []
+    monkeypatch.setattr(reference, "invert", lambda *args, **kwargs: inverted.append(args) or (_ for _ in ()).throw(
+        AssertionError("the inversion ran")))
+    conditioning = tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2)
+    with pytest.raises(InputError, match="input 'image'.*64x64 px but the latent is 128x128 px"):
+        StyleReference.execute(model, vae, torch.rand(1, 64, 64, 3), *conditioning, 0, 4, 2.0, 1,
+                               latent={"samples": torch.zeros(2, 4, 16, 16)})
+    with pytest.raises(InputError, match="input 'reference_index': 2 is not an image of the latent batch of 2"):
+        StyleReference.execute(model, vae, torch.rand(1, 128, 128, 3), *conditioning, 2, 4, 2.0, 1,
+                               latent={"samples": torch.zeros(2, 4, 16, 16)})
+    assert not inverted
+
+
+def test_the_inversion_reports_progress_to_the_ui_every_step():
+    import comfy.utils
+
+    reports = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        with torch.inference_mode():
+            StyleReference.execute(tiny.build("sd15"), tiny.build_vae(), torch.rand(1, 64, 64, 3),
+                                   tiny.conditioning("sd15", 1), tiny.conditioning("sd15", 2), 0, 7, 2.0, 1,
+                                   latent={"samples": torch.zeros(2, 4, 8, 8)})
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    # Newer hosts throttle the updates between the first and the last.
+    assert reports[0] == (1, 7) and reports[-1] == (7, 7) and all(total == 7 for _, total in reports)
+    assert [value for value, _ in reports] == sorted({value for value, _ in reports})
