@@ -7,6 +7,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .adapter import MaskedAdapter
+from .assets import prepare_user_folders
 from .balance import LayerBalance
 from .blend import CrossAttnBlend, EpsilonBlend
 from .prompts import BatchPrompts
@@ -18,5 +19,6 @@ from .style import AdaINStyle, SharedAttention
 class MultiCondExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        prepare_user_folders()  # here, not in on_load: ComfyUI 0.3.64 never calls on_load
         return [SharedAttention, AdaINStyle, StyleReference, BatchPrompts, LayerBalance, EpsilonBlend, CrossAttnBlend,
                 SpatialGuidance, MaskedAdapter]

@@ -2,9 +2,10 @@
 
 One server (a subprocess on 127.0.0.1, CPU) is started for the module, with a throwaway base
 directory whose `custom_nodes/` holds this pack and the test-only `tiny_pack`. Each UI-format
-workflow of `workflows/` is converted to the API format (`workflow_api.py`, using the server's
+workflow of `example_workflows/` is converted to the API format (`workflow_api.py`, using the server's
 `/object_info`), its checkpoint loader is swapped for the tiny one, sizes and step counts are
-shrunk, and the graph is queued through `POST /prompt` and followed through `/history`.
+shrunk, and the graph is queued through `POST /prompt` and followed through `/history`. Its images
+are the ones it ships with: the pack copies them into the server's input folder when it loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,12 @@ if COMFYUI is None:
     pytest.skip("no ComfyUI found (set COMFYUI_PATH): the workflow server test needs one", allow_module_level=True)
 
 HOST = "127.0.0.1"
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+EXAMPLE_INPUTS = ROOT / "example_inputs"
 MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCond_StyleReference", "MultiCond_BatchPrompts",
                    "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend", "MultiCond_SpatialGuidance",
                    "MultiCond_MaskedAdapter")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
-REFERENCE_IMAGE = "multicond_test_reference.png"
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
 TINY_GRADING = "multicond_test_grading.json"
 SIZE = 64  # pixels: an 8x8 latent
@@ -88,7 +90,6 @@ def prepare_base(base: Path) -> None:
         (base / folder).mkdir(parents=True, exist_ok=True)
     link_or_copy(ROOT, base / "custom_nodes" / "multicond")
     link_or_copy(Path(__file__).parent / "tiny_pack", base / "custom_nodes" / "multicond_tiny_pack")
-    write_reference_image(base / "input" / REFERENCE_IMAGE)
     write_tiny_grading(base / "models" / "multicond_gradings" / TINY_GRADING)
 
 
@@ -106,14 +107,6 @@ def write_tiny_grading(path: Path) -> None:
     grades = {f: torch.rand(len(timesteps), len(layers), generator=generator, dtype=torch.float64) for f in "qk"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grading(Grading("sdxl", layers, timesteps, grades, "tiny"), path)
-
-
-def write_reference_image(path: Path) -> None:
-    from PIL import Image
-
-    image = Image.new("RGB", (SIZE, SIZE))
-    image.putdata([(4 * x, 4 * y, 128) for y in range(SIZE) for x in range(SIZE)])
-    image.save(path)
 
 
 def server_command(base: Path, port: int) -> list[str]:
@@ -174,7 +167,7 @@ def load_workflow(path: Path) -> dict:
 
 
 def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
-    """Tiny loader, 64 px, a few steps; everything else as the workflow has it."""
+    """Tiny loader, 64 px, a few steps; everything else (the images it loads too) as the workflow has it."""
     graph = json.loads(json.dumps(graph))
     checkpoints = [node["inputs"]["ckpt_name"] for node in graph.values() if node["class_type"] == "CheckpointLoaderSimple"]
     family = "sdxl" if any("xl" in name.lower() for name in checkpoints) else "sd15"
@@ -195,8 +188,6 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
             inputs["steps"] = STEPS
         elif kind == "MultiCond_StyleReference":
             inputs.update(inversion_steps=INVERSION_STEPS, offset=INVERSION_OFFSET)
-        elif kind == "LoadImage":
-            inputs["image"] = REFERENCE_IMAGE
         elif kind == "MultiCond_LayerBalance":
             inputs["grading"] = TINY_GRADING
         elif kind == "MultiCond_SpatialGuidance":
@@ -233,16 +224,88 @@ def execution_errors(entry: dict) -> list[dict]:
 
 
 def test_there_are_workflows() -> None:
-    assert {path.name for path in WORKFLOWS} >= {"style_aligned_sdxl.json", "style_aligned_reference_sdxl.json",
-                                                "style_aligned_sd15.json"}
+    assert {path.stem for path in WORKFLOWS} >= {"1a StyleAligned - SDXL batch in one style",
+                                                 "1b StyleAligned - SD1.5 batch in one style",
+                                                 "1c StyleAligned - SDXL style from a reference image"}
 
 
-def test_server_lists_the_workflows_as_templates(server: Server) -> None:
-    """ComfyUI serves a pack's workflows/ folder to the template browser (it prefers example_workflows/)."""
+def http_bytes(url: str) -> bytes:
+    with _OPENER.open(url, timeout=HTTP_TIMEOUT_S) as response:
+        return response.read()
+
+
+def template_url(server: Server, file_name: str) -> str:
+    """Where the frontend fetches a pack's template file (names have spaces: quoted, as a browser does)."""
+    return f"{server.url}/api/workflow_templates/multicond/{urllib.parse.quote(file_name)}"
+
+
+def test_server_lists_the_workflows_as_templates_with_thumbnails(server: Server) -> None:
+    """ComfyUI serves a pack's example_workflows/ folder to the template browser, card picture `<name>.jpg` beside."""
     listed = http_json(f"{server.url}/workflow_templates").get("multicond", [])
     assert sorted(listed) == sorted(path.stem for path in WORKFLOWS)
-    served = http_json(f"{server.url}/api/workflow_templates/multicond/{WORKFLOWS[0].name}")
-    assert served == load_workflow(WORKFLOWS[0])
+    for path in WORKFLOWS:
+        assert json.loads(http_bytes(template_url(server, path.name))) == load_workflow(path)
+        assert http_bytes(template_url(server, f"{path.stem}.jpg")) == path.with_suffix(".jpg").read_bytes()
+
+
+def test_the_pack_copied_the_example_inputs_into_the_input_folder(server: Server) -> None:
+    """LoadImage lists the input folder's top level: the shipped images are there once the pack has loaded."""
+    shipped = sorted(EXAMPLE_INPUTS.glob("*.png"))
+    assert shipped
+    for path in shipped:
+        assert (server.base / "input" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert "MultiCond: copied the example workflows' input images" in server.log_tail(100_000)
+
+
+def test_example_inputs_are_copied_once_and_never_overwritten(tmp_path: Path) -> None:
+    from multicond.nodes.assets import copy_missing_files
+
+    names = sorted(path.name for path in EXAMPLE_INPUTS.glob("*.png"))
+    assert copy_missing_files(EXAMPLE_INPUTS, tmp_path) == names
+    (tmp_path / names[0]).write_bytes(b"the user's own picture")
+    assert copy_missing_files(EXAMPLE_INPUTS, tmp_path) == []
+    assert (tmp_path / names[0]).read_bytes() == b"the user's own picture"
+    (tmp_path / names[1]).unlink()
+    assert copy_missing_files(EXAMPLE_INPUTS, tmp_path) == [names[1]]
+
+
+def test_the_gradings_folder_is_created_and_the_log_says_where_gradings_come_from(tmp_path: Path) -> None:
+    from multicond.nodes.assets import ensure_gradings_folder
+
+    folder = tmp_path / "models" / "multicond_gradings"
+    message = ensure_gradings_folder(folder)
+    assert folder.is_dir() and message.startswith(f"MultiCond: created {folder}")
+    assert "style_layer_grading" in message and "github.com/Nadavc220/conditional-balance" in message
+    assert ensure_gradings_folder(folder).startswith(f"MultiCond: no grading file in {folder}")
+    (folder / "style_layer_grading").write_bytes(b"grading")
+    assert ensure_gradings_folder(folder) is None
+
+
+def test_the_user_folders_are_prepared_only_inside_a_comfyui_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A script or test that imports the nodes must not write into the ComfyUI tree; a server start does."""
+    import logging
+    import types
+
+    import folder_paths
+
+    from multicond.nodes import assets
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "get_folder_paths", lambda name: [str(tmp_path / "models" / name)])
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    assets.prepare_user_folders()
+    assert not any(tmp_path.iterdir())
+
+    running = types.SimpleNamespace(PromptServer=type("PromptServer", (), {"instance": object()}))
+    monkeypatch.setitem(sys.modules, "server", running)
+    with caplog.at_level(logging.INFO):
+        assets.prepare_user_folders()
+    shipped = sorted(path.name for path in EXAMPLE_INPUTS.glob("*.png"))
+    assert sorted(path.name for path in (tmp_path / "input").iterdir()) == shipped
+    assert (tmp_path / "models" / "multicond_gradings").is_dir()
+    copied, created = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MultiCond")]
+    assert copied.startswith("MultiCond: copied the example workflows' input images") and "created" in created
 
 
 def test_the_masked_adapter_help_page_is_served(server: Server) -> None:
@@ -307,7 +370,7 @@ def test_workflow_runs_on_the_server(path: Path, server: Server, object_info: di
         assert (server.base / image["type"] / image["subfolder"] / image["filename"]).is_file(), image
 
 
-COMPOSED = ROOT / "workflows" / "composed_style_control_layout_sdxl.json"
+COMPOSED = next(path for path in WORKFLOWS if path.stem.startswith("6 Composed"))
 COMPOSED_EFFECT = 1e-5  # each node moves the tiny 2-step latent by 1e-4 and more; a rerun of one graph by 0
 
 
