@@ -6,31 +6,45 @@ DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_re
 `install_cross_attention_blend`, `generate_dual_style`), InfSplign spatial guidance
 (`generate_spatial`, `install_spatial_maps`, `object_tokens`), the Conditional Balance analysis that
 grades layers from an image series (`analyze_shard`, `merge_shards`, `grade_series`), tiny
-random pipelines for tests and demos (`tiny_pipeline`), and the command line (`cli.main`, run as `python -m multicond`).
+random pipelines for tests and demos (`tiny_pipeline`), offline checkpoint loading (`load_checkpoint`)
+and the command line (`cli.main`, run as `python -m multicond`).
+
+The names below are imported from their modules on first use (PEP 562), so importing a submodule
+such as `cli` (`python -m multicond --help`) does not pay seconds for diffusers.
 """
 
 from __future__ import annotations
 
-from .analysis import (Series, SeriesStats, analyze_jobs, analyze_shard, grade_series, grading_heatmap, load_series,
-                       load_stats, merge_shards, save_stats)
-from .dual_style import (DualContextProcessor, DualStyleHandle, generate_dual_style, install_cross_attention_blend,
-                         install_epsilon_blend)
-from .pipeline import (PinnedReference, encode_image, generate, initial_latents, invert_image, invert_latent,
-                       pin_reference)
-from .spatial import (SpatialGuidance, SpatialHandle, SpatialMapProcessor, SpatialResult, generate_spatial,
-                      infsplign_scheduler, install_spatial_maps, object_tokens)
-from .style_aligned import (StyleAlignedHandle, StyleAlignedProcessor, install_style_aligned, shared_layers,
-                            unet_layout)
-from .tiny import load_pipeline, tiny_pipeline, tiny_unet
+import importlib
+from typing import Any
 
-__all__ = [
-    "Series", "SeriesStats", "analyze_jobs", "analyze_shard", "grade_series", "grading_heatmap", "load_series",
-    "load_stats", "merge_shards", "save_stats",
-    "DualContextProcessor", "DualStyleHandle", "generate_dual_style", "install_cross_attention_blend",
-    "install_epsilon_blend",
-    "PinnedReference", "StyleAlignedHandle", "StyleAlignedProcessor", "encode_image", "generate", "initial_latents",
-    "install_style_aligned", "invert_image", "invert_latent", "load_pipeline", "pin_reference", "shared_layers",
-    "tiny_pipeline", "tiny_unet", "unet_layout",
-    "SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
-    "infsplign_scheduler", "install_spatial_maps", "object_tokens",
-]
+# Each public name and the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("Series", "SeriesStats", "analyze_jobs", "analyze_shard", "grade_series", "grading_heatmap",
+                     "load_series", "load_stats", "merge_shards", "save_stats"), "analysis"),
+    **dict.fromkeys(("DualContextProcessor", "DualStyleHandle", "generate_dual_style", "install_cross_attention_blend",
+                     "install_epsilon_blend"), "dual_style"),
+    **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",
+                     "load_checkpoint", "pin_reference"), "pipeline"),
+    **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
+                     "infsplign_scheduler", "install_spatial_maps", "object_tokens"), "spatial"),
+    **dict.fromkeys(("StyleAlignedHandle", "StyleAlignedProcessor", "install_style_aligned", "shared_layers",
+                     "unet_layout"), "style_aligned"),
+    **dict.fromkeys(("load_pipeline", "tiny_pipeline", "tiny_unet"), "tiny"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+

@@ -7,6 +7,10 @@ e.g. "a cat to the left of a dog"), `analyze` (a Conditional Balance grading fro
 image series; shards across processes under `accelerate launch`), `train-adapter` (a localized,
 masked-feature T2I-Adapter) and `score-local` (LF-MSE and DiffCC). Without `--checkpoint` a tiny random
 model is used: it shows the pipeline runs end to end, its images are noise.
+
+Only the standard library is imported here: `--help` and flag errors answer in a fraction of a
+second, and each command imports torch, diffusers and the method code when it runs. Relative
+paths are the caller's (the current directory), outputs default to `outputs/<command>/` there.
 """
 
 from __future__ import annotations
@@ -14,124 +18,175 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    import torch
+    from accelerate import PartialState
+    from diffusers import DiffusionPipeline
+    from PIL import Image
 
-from ..balance import save_grading
-from ..blend import CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, SHAPES, Profile
-from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET
-from ..spatial import PHI, RELATION_PHRASES, RELATIONS, SpatialSettings, parse_relation
-from ..style import StyleAlignedArgs
-from .cli_adapter import add_adapter_parsers
-from .analysis import (Series, analyze_jobs, grade_series, grading_heatmap, load_series, load_stats, merge_shards,
-                       save_stats)
-from .dual_style import Weights, generate_dual_style
-from .pipeline import generate, invert_image, pin_reference
-from .spatial import SpatialResult, generate_spatial, infsplign_scheduler, normalized_relation, object_tokens
-from .style_aligned import shared_layers
-from .tiny import FAMILIES, TINY_IMAGE_SIZE, load_pipeline
+    from ..errors import InputError
+    from ..spatial import SpatialSettings
+    from ..style import StyleAlignedArgs
+    from .analysis import Series
+    from .dual_style import Weights
+    from .spatial import SpatialResult
 
 Command = Callable[[argparse.Namespace], int]
+
+PROG_VARIABLE = "MULTICOND_PROG"  # scripts/run.sh sets it, so usage lines show the command the user typed
+DEFAULT_PROG = "python -m multicond"
 
 RANDOM_WEIGHTS_NOTICE = ("No --checkpoint given: using a tiny model with RANDOM weights. It shows that the "
                          "pipeline runs end to end; the images are noise.")
 
+# ---------------------------------------------------------------- help-time facts
+# Mirrors of library values, here because importing the library (torch, diffusers) takes seconds and
+# --help must not; tests/test_cli.py checks each against its source.
+FAMILIES: tuple[str, ...] = ("sd1", "sdxl")  # tiny.FAMILIES
+TINY_IMAGE_SIZE = 64  # tiny.TINY_IMAGE_SIZE
+INVERSION_GUIDANCE = 2.0  # core.inversion.INVERSION_GUIDANCE
+PIN_OFFSET = 5  # core.inversion.PIN_OFFSET
+STYLE_ALIGNED_DEFAULTS: dict[str, bool | float] = {  # core.style.StyleAlignedArgs()
+    "share_group_norm": True, "share_layer_norm": True, "share_attention": True, "adain_queries": True,
+    "adain_keys": True, "adain_values": False, "full_attention_share": False, "shared_score_scale": 1.0,
+    "shared_score_shift": 0.0, "only_self_level": 0.0}
+SHAPES: tuple[str, ...] = ("sigmoid", "linear", "cosine")  # core.blend.SHAPES
+DIRECTIONS: tuple[str, ...] = ("left to right", "top to bottom", "right to left", "bottom to top")  # core.blend
+EPSILON_SHARPNESS = 20.0  # core.blend.EPSILON_SHARPNESS
+CROSS_ATTENTION_SHARPNESS = 30.0  # core.blend.CROSS_ATTENTION_SHARPNESS
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "next to")  # core.spatial.RELATIONS
+PHI_NAMES: tuple[str, ...] = ("gelu", "sigmoid", "relu", "leaky_relu", "squared_relu", "selu", "softplus", "silu",
+                              "hardtanh", "linear", "rrelu", "celu", "logrelu", "elu", "softsign")  # core.spatial.PHI
+SPATIAL_DEFAULTS: dict[str, str | float] = {  # core.spatial.SpatialSettings()
+    "relation": "left of", "phi": "gelu", "alpha": 0.75, "margin": 0.25, "lambda_spatial": 1.0,
+    "lambda_presence": 1.0, "lambda_balance": 1.0, "weight": 1000.0}
 
-# The StyleAligned SDXL demo's example set.
-PAPER_PROMPTS = ("a toy train", "a toy airplane", "a toy bicycle", "a toy car")
-PAPER_STYLE = "macro photo. 3d game asset"
-
-
-def _add_style_aligned_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `StyleAlignedArgs` field, defaulting to the paper's values."""
-    defaults = StyleAlignedArgs()
-    group = parser.add_argument_group("StyleAligned settings (defaults: the paper's)")
-    for name in ("share_group_norm", "share_layer_norm", "share_attention", "adain_queries", "adain_keys",
-                 "adain_values", "full_attention_share"):
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
-                           default=getattr(defaults, name))
-    group.add_argument("--score-scale", dest="shared_score_scale", type=float, default=defaults.shared_score_scale,
-                       help="multiply the reference keys seen by the other images (default %(default)s)")
-    group.add_argument("--score-shift", dest="shared_score_shift", type=float, default=defaults.shared_score_shift,
-                       help="add to the logits of the reference keys; log 2 = 0.693 doubles their weight (default %(default)s)")
-    group.add_argument("--only-self-level", dest="only_self_level", type=float, default=defaults.only_self_level,
-                       help="fraction of self-attention layers left unshared, evenly spaced (default %(default)s)")
-    group.add_argument("--plain", action="store_true", help="sample without StyleAligned, for comparison")
-
-
-def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("style-aligned", help="a batch of images in the style of the first one (StyleAligned)",
-                                 description="Generate one image per prompt; every image takes the style of the "
-                                             "reference (the first prompt, or --reference-image).")
-    parser.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS),
-                        help="one image per prompt; without --reference-image the first is the style reference "
-                             "(default: the paper's toy set)")
-    parser.add_argument("--style", default=PAPER_STYLE, help="appended to every prompt (default: '%(default)s')")
-    parser.add_argument("--reference-image", type=Path, help="a real image to take the style from (DDIM inversion)")
-    parser.add_argument("--reference-prompt", help="describes --reference-image (required with it)")
-    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1 (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
-    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/style-aligned"), help="folder for the PNGs (default %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inversion-cfg", type=float, default=INVERSION_GUIDANCE, help="CFG of the DDIM inversion (default %(default)s)")
-    parser.add_argument("--pin-offset", type=int, default=PIN_OFFSET,
-                        help="the reference starts this many inversion steps below the noisiest latent (default %(default)s)")
-    _add_style_aligned_flags(parser)
-    parser.set_defaults(run=run_style_aligned, parser=parser)
+# The switches of StyleAlignedArgs, each with what it does.
+STYLE_ALIGNED_SWITCHES: dict[str, str] = {
+    "share_group_norm": "normalise each image's GroupNorm features with statistics joint with the reference's",
+    "share_layer_norm": "the original's LayerNorm switch, kept for parity; a no-op (LayerNorm is per token)",
+    "share_attention": "let every image's self-attention also attend to the reference's keys and values",
+    "adain_queries": "AdaIN: give the queries the reference's per-channel token mean and std",
+    "adain_keys": "AdaIN: give the keys the reference's per-channel token mean and std",
+    "adain_values": "AdaIN: give the values the reference's per-channel token mean and std",
+    "full_attention_share": "every image attends to every image's keys and values, without AdaIN (the original's "
+                            "full share)",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m multicond", description="MultiCond on diffusers pipelines.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    _add_style_aligned_parser(commands)
-    _add_dual_style_parser(commands)
-    _add_spatial_parser(commands)
-    _add_analyze_parser(commands)
-    add_adapter_parsers(commands)
-    return parser
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default at the end of its help, unless its text already says it; "(required)" for the others."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        return text if "default" in text.lower() else super()._get_help_string(action)
 
 
-def style_aligned_args(ns: argparse.Namespace) -> StyleAlignedArgs:
-    return StyleAlignedArgs(**{name: getattr(ns, name) for name in StyleAlignedArgs.__dataclass_fields__})
+def program() -> str:
+    """How the user called us: scripts/run.sh exports its own path, plain `python -m multicond` otherwise."""
+    return os.environ.get(PROG_VARIABLE) or DEFAULT_PROG
 
 
-def styled(prompt: str, style: str) -> str:
-    return f"{prompt}, {style}" if style else prompt
+# ---------------------------------------------------------------- shared flags and helpers
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --family and --tokenizer: which model, and where a single file's tokenizer is."""
+    parser.add_argument("--checkpoint",
+                        help="a diffusers model folder or an SD1.x/SDXL .safetensors/.ckpt file, loaded offline "
+                             "(default: a tiny model with random weights: it runs the pipeline, its images are noise)")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1",
+                        help="model family: sd1 (SD1.x/2.x) or sdxl; must match --checkpoint")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="folder with CLIP's vocab.json and merges.txt, for a single-file --checkpoint (default: "
+                             "ComfyUI's comfy/sd1_tokenizer when the checkpoint is inside a ComfyUI install, else "
+                             "the local Hugging Face cache; nothing is downloaded)")
 
 
-def slug(text: str, length: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N ...; auto: a CUDA GPU when there is one, else cpu")
 
 
-def _validate(ns: argparse.Namespace) -> None:
+def add_out_flag(parser: argparse.ArgumentParser, command: str, what: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path("outputs", command),
+                        help=f"folder for {what}, relative to the current directory")
+
+
+def resolve_device(name: str) -> str:
+    """`auto`: a CUDA GPU when there is one, else the CPU; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fail(ns: argparse.Namespace, message: str) -> NoReturn:
+    """A usage error of the command (`usage: ...` and `error: message`, exit status 2)."""
     parser: argparse.ArgumentParser = ns.parser
-    if ns.reference_image is not None and not ns.reference_prompt:
-        parser.error("--reference-image needs --reference-prompt, a description of that image")
-    if ns.reference_image is not None and not ns.reference_image.is_file():
-        parser.error(f"--reference-image {ns.reference_image}: no such file")
-    if ns.cfg <= 1:
-        parser.error("--cfg must be > 1: StyleAligned shares within the [uncond, cond] halves of a CFG batch")
-    if ns.steps < 1 or (ns.reference_image is not None and not 0 <= ns.pin_offset < ns.steps):
-        parser.error("--steps must be >= 1, and --pin-offset in 0..steps-1 with --reference-image")
-    if ns.size is not None and ns.size % 8:
-        parser.error("--size must be a multiple of 8")
+    parser.error(message)
+
+
+def input_error_message(error: InputError) -> str:
+    """A loader's `InputError` as one line: the flag, what is wrong with it, the fix."""
+    return f"{error.input_name} {error.problem}. {error.fix}"
+
+
+def check_checkpoint(ns: argparse.Namespace) -> None:
+    """Fail before any heavy import when --checkpoint or --tokenizer names nothing."""
+    if ns.checkpoint is not None and not Path(ns.checkpoint).exists():
+        fail(ns, f"--checkpoint {ns.checkpoint}: no such file or folder (in {Path.cwd()})")
+    if ns.checkpoint is not None and ns.tokenizer is not None and not ns.tokenizer.is_dir():
+        fail(ns, f"--tokenizer {ns.tokenizer}: no such folder (in {Path.cwd()})")
+
+
+def read_image(ns: argparse.Namespace, flag: str, path: Path) -> Image.Image:
+    """An image file read in full, or a usage error naming the flag when it is missing or unreadable."""
+    from PIL import Image
+
+    if not path.is_file():
+        fail(ns, f"{flag} {path}: no such file (in {Path.cwd()})")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        fail(ns, f"{flag} {path}: cannot read it as an image ({error}); give a PNG or JPEG")
+
+
+def load_model(ns: argparse.Namespace, device: str, seed: int) -> DiffusionPipeline:
+    """The tiny random pipeline without --checkpoint, else the checkpoint (its input problems are usage errors)."""
+    import torch
+
+    from ..errors import InputError
+    from .pipeline import load_checkpoint
+    from .tiny import tiny_pipeline
+
+    if ns.checkpoint is None:
+        return tiny_pipeline(ns.family, seed).to(device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return load_checkpoint(ns.checkpoint, ns.family, device, dtype, ns.tokenizer)
+    except InputError as error:
+        fail(ns, input_error_message(error))
 
 
 @contextmanager
 def _cpu_threads(threads: int | None) -> Iterator[None]:
     """Run with `threads` CPU threads (None: unchanged), then restore the previous count."""
+    import torch
+
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -141,25 +196,146 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def tiny_threads(ns: argparse.Namespace, device: str) -> int | None:
+    """One thread for the tiny model on the CPU: its ops are so small that more threads only add synchronisation."""
+    return 1 if ns.checkpoint is None and device == "cpu" else None
+
+
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_NOTICE not in record.getMessage()
+
+
+def quiet_torchvision_notice() -> None:
+    """Drop transformers' notice that its image processors fall back to PIL without torchvision.
+
+    diffusers' import touches those processors, so it printed on every run; no command here uses
+    them. Only that message is dropped: every other warning and error of transformers still shows.
+    """
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchvisionNotice())
+
+
+def slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
+
+
+# ---------------------------------------------------------------- style-aligned
+
+# The StyleAligned SDXL demo's example set.
+PAPER_PROMPTS = ("a toy train", "a toy airplane", "a toy bicycle", "a toy car")
+PAPER_STYLE = "macro photo. 3d game asset"
+
+
+def _add_style_aligned_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `StyleAlignedArgs` field, defaulting to the paper's values."""
+    defaults = STYLE_ALIGNED_DEFAULTS
+    group = parser.add_argument_group("StyleAligned settings (defaults: the paper's)")
+    for name, meaning in STYLE_ALIGNED_SWITCHES.items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                           default=defaults[name], help=meaning)
+    group.add_argument("--score-scale", dest="shared_score_scale", type=float,
+                       default=defaults["shared_score_scale"],
+                       help="multiply the reference keys seen by the other images")
+    group.add_argument("--score-shift", dest="shared_score_shift", type=float,
+                       default=defaults["shared_score_shift"],
+                       help="add to the logits of the reference keys; log 2 = 0.693 doubles their weight")
+    group.add_argument("--only-self-level", dest="only_self_level", type=float, default=defaults["only_self_level"],
+                       help="fraction of self-attention layers left unshared, evenly spaced")
+    group.add_argument("--plain", action="store_true", help="sample without StyleAligned, for comparison")
+
+
+def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("style-aligned", usage="%(prog)s [options]",
+                                 help="a batch of images in the style of the first one (StyleAligned)",
+                                 formatter_class=HelpFormatter,
+                                 description="Generate one image per prompt; every image takes the style of the "
+                                             "reference (the first prompt, or --reference-image).")
+    parser.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS),
+                        help="one image per prompt; without --reference-image the first is the style reference "
+                             f"(default: the paper's toy set: {', '.join(PAPER_PROMPTS)})")
+    parser.add_argument("--style", default=PAPER_STYLE,
+                        help="appended to every prompt as 'PROMPT, STYLE'; --style '' leaves the prompts as they are "
+                             "(default: '%(default)s')")
+    parser.add_argument("--reference-image", type=Path,
+                        help="a real image to take the style from, by DDIM inversion (default: none; the first "
+                             "prompt's image is the reference)")
+    parser.add_argument("--reference-prompt",
+                        help="describes --reference-image; not styled (default: none; required with --reference-image)")
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1")
+    parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
+    parser.add_argument("--size", type=int,
+                        help=f"image side in pixels, a multiple of 8 (default: the model's, 512 for SD1.5 and 1024 "
+                             f"for SDXL; {TINY_IMAGE_SIZE} for the tiny model)")
+    add_out_flag(parser, "style-aligned", "the PNGs")
+    add_device_flag(parser)
+    parser.add_argument("--inversion-cfg", type=float, default=INVERSION_GUIDANCE, help="CFG of the DDIM inversion")
+    parser.add_argument("--pin-offset", type=int, default=PIN_OFFSET,
+                        help="the reference starts this many inversion steps below the noisiest latent")
+    _add_style_aligned_flags(parser)
+    parser.set_defaults(run=run_style_aligned, parser=parser)
+
+
+def style_aligned_args(ns: argparse.Namespace) -> StyleAlignedArgs:
+    from ..style import StyleAlignedArgs
+
+    return StyleAlignedArgs(**{name: getattr(ns, name) for name in StyleAlignedArgs.__dataclass_fields__})
+
+
+def styled(prompt: str, style: str) -> str:
+    return f"{prompt}, {style}" if style else prompt
+
+
+def style_line(style: str) -> str:
+    """What --style does to the prompts, printed so the appended text is never a surprise."""
+    if not style:
+        return "style: none (--style ''): the prompts are used as given"
+    return f"style: {style!r} appended to every prompt (--style '' for none)"
+
+
+def _validate(ns: argparse.Namespace) -> None:
+    if ns.reference_image is not None and not ns.reference_prompt:
+        fail(ns, "--reference-image needs --reference-prompt, a description of that image")
+    if ns.cfg <= 1:
+        fail(ns, "--cfg must be > 1: StyleAligned shares within the [uncond, cond] halves of a CFG batch")
+    if ns.steps < 1 or (ns.reference_image is not None and not 0 <= ns.pin_offset < ns.steps):
+        fail(ns, "--steps must be >= 1, and --pin-offset in 0..steps-1 with --reference-image")
+    if ns.size is not None and ns.size % 8:
+        fail(ns, "--size must be a multiple of 8")
+    check_checkpoint(ns)
+
+
 def run_style_aligned(ns: argparse.Namespace) -> int:
     _validate(ns)
+    reference = None if ns.reference_image is None else read_image(ns, "--reference-image", ns.reference_image)
+    print(style_line(ns.style))
     if ns.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
-    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
-    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
-        return _style_aligned(ns)
+    device = resolve_device(ns.device)
+    with _cpu_threads(tiny_threads(ns, device)):
+        return _style_aligned(ns, device, reference)
 
 
-def _style_aligned(ns: argparse.Namespace) -> int:
-    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+def _style_aligned(ns: argparse.Namespace, device: str, reference_image: Image.Image | None) -> int:
+    from PIL import Image
+
+    from .pipeline import generate, invert_image, pin_reference
+    from .style_aligned import shared_layers
+
+    pipe = load_model(ns, device, ns.seed)
     size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
     args = None if ns.plain else style_aligned_args(ns)
     prompts = [styled(p, ns.style) for p in ns.prompts]
     reference = None
-    if ns.reference_image is not None:
+    if reference_image is not None:
         side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        image = Image.open(ns.reference_image).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+        image = reference_image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
         zts = invert_image(pipe, image, ns.reference_prompt, ns.steps, ns.inversion_cfg)
         reference = pin_reference(zts, ns.pin_offset)
         prompts = [ns.reference_prompt] + prompts
@@ -177,6 +353,8 @@ def _style_aligned(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- dual-style
+
 # The original's style pair (Goldszal & Mercier: Minecraft | Van Gogh).
 DUAL_STYLE_PROMPTS = ("a house in a minecraft style", "a house in a van gogh style")
 DUAL_STYLE_SHARPNESS = {"epsilon": EPSILON_SHARPNESS, "cross-attention": CROSS_ATTENTION_SHARPNESS}
@@ -191,81 +369,81 @@ def _direction(text: str) -> str:
 
 
 def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("dual-style", help="two prompts in one image, blended across it (dual-style blending)",
+    parser = commands.add_parser("dual-style", usage="%(prog)s [options]",
+                                 help="two prompts in one image, blended across it (dual-style blending)",
+                                 formatter_class=HelpFormatter,
                                  description="Generate one image whose first prompt holds one side and second prompt "
                                              "the other, blended by a spatial profile or a mask (Goldszal & Mercier).")
     first, second = DUAL_STYLE_PROMPTS
     parser.add_argument("--first", default=first, help="the prompt at the start of the direction, or where the mask "
-                                                       "is white (default: '%(default)s')")
-    parser.add_argument("--second", default=second, help="the other prompt (default: '%(default)s')")
+                                                       "is white")
+    parser.add_argument("--second", default=second, help="the other prompt")
     parser.add_argument("--method", choices=tuple(DUAL_STYLE_SHARPNESS), default="epsilon",
-                        help="blend the two noise predictions, or the two cross-attention outputs in every layer "
-                             "(default %(default)s)")
+                        help="blend the two noise predictions, or the two cross-attention outputs in every layer")
     profile = parser.add_argument_group("where each prompt goes")
     profile.add_argument("--profile", choices=(*SHAPES, "mask"),
                          help="sigmoid (the original's), linear or cosine ramp, or mask (default: mask with --mask, "
                               "else sigmoid)")
-    profile.add_argument("--mask", type=Path, help="a grayscale image: white = first prompt, black = second")
+    profile.add_argument("--mask", type=Path, help="a grayscale image: white = first prompt, black = second "
+                                                   "(default: none; a profile)")
     way = profile.add_mutually_exclusive_group()
     way.add_argument("--direction", type=_direction,
                      help="from the first prompt to the second: " + ", ".join(d.replace(" ", "-") for d in DIRECTIONS)
-                          + " (default left-to-right)")
-    way.add_argument("--angle", type=float, help="direction in degrees, image y down (0 = left to right)")
+                          + " (default: left-to-right)")
+    way.add_argument("--angle", type=float, help="direction in degrees, image y down (default: 0, left to right)")
     profile.add_argument("--center", type=float, help="where both prompts weigh 1/2, 0..1 along the direction "
-                                                      "(default 0.5)")
+                                                      "(default: 0.5)")
     profile.add_argument("--sharpness", type=float,
                          help=f"sigmoid slope (default: the original's, {EPSILON_SHARPNESS:g} for epsilon, "
                               f"{CROSS_ATTENTION_SHARPNESS:g} for cross-attention)")
-    profile.add_argument("--ramp-width", type=float, help="fraction of the frame the linear/cosine ramp spans (default 1)")
-    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1 (default %(default)s)")
+    profile.add_argument("--ramp-width", type=float,
+                         help="fraction of the frame the linear/cosine ramp spans (default: 1)")
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image written")
     for side in ("width", "height"):
         parser.add_argument(f"--{side}", type=int, help=f"pixels, a multiple of 8 (default: the model's; "
                                                         f"{TINY_IMAGE_SIZE} for the tiny model)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/dual-style"), help="folder for the PNGs (default %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_out_flag(parser, "dual-style", "the PNGs")
+    add_device_flag(parser)
     parser.add_argument("--compare", action="store_true", help="also write each prompt's plain image (same noise)")
     parser.set_defaults(run=run_dual_style, parser=parser)
 
 
 def _validate_dual_style(ns: argparse.Namespace) -> None:
-    parser: argparse.ArgumentParser = ns.parser
     if ns.profile is None:
         ns.profile = "mask" if ns.mask is not None else "sigmoid"
     if ns.profile == "mask":
         if ns.mask is None:
-            parser.error("--profile mask needs --mask PATH, a grayscale image (white = first prompt)")
-        if not ns.mask.is_file():
-            parser.error(f"--mask {ns.mask}: no such file; give a grayscale image (white = first prompt)")
-        shaped = [flag for flag, value in (("--direction", ns.direction), ("--angle", ns.angle), ("--center", ns.center),
-                                           ("--sharpness", ns.sharpness), ("--ramp-width", ns.ramp_width))
-                  if value is not None]
-        if shaped:
-            parser.error(f"{', '.join(shaped)} shape an analytic profile, not a mask; drop them or use "
-                         "--profile sigmoid|linear|cosine")
+            fail(ns, "--profile mask needs --mask PATH, a grayscale image (white = first prompt)")
+        if ns.direction is not None or ns.angle is not None or ns.center is not None or ns.ramp_width is not None:
+            fail(ns, "--direction/--angle/--center/--ramp-width shape a profile; with --mask the mask is the "
+                     "profile, drop them")
     elif ns.mask is not None:
-        parser.error(f"--mask goes with --profile mask, not --profile {ns.profile}; drop --profile or --mask")
+        fail(ns, f"--mask goes with --profile mask, not --profile {ns.profile}; drop --profile or --mask")
     if ns.center is not None and not 0 <= ns.center <= 1:
-        parser.error(f"--center must be in 0..1 (a fraction along the direction), got {ns.center}")
+        fail(ns, f"--center must be in 0..1 (a fraction along the direction), got {ns.center}")
     if ns.sharpness is not None and ns.sharpness < 0:
-        parser.error(f"--sharpness must be 0 or more, got {ns.sharpness}")
+        fail(ns, f"--sharpness must be 0 or more, got {ns.sharpness}")
     if ns.ramp_width is not None and ns.ramp_width <= 0:
-        parser.error(f"--ramp-width must be > 0 (a fraction of the frame), got {ns.ramp_width}")
+        fail(ns, f"--ramp-width must be > 0 (a fraction of the frame), got {ns.ramp_width}")
     if ns.cfg <= 1:
-        parser.error("--cfg must be > 1: the blend works on the [uncond, cond] halves of a guided batch")
+        fail(ns, "--cfg must be > 1: the blend works on the [uncond, cond] halves of a guided batch")
     if ns.steps < 1:
-        parser.error("--steps must be >= 1")
+        fail(ns, "--steps must be >= 1")
     for flag, value in (("--width", ns.width), ("--height", ns.height)):
         if value is not None and (value < 8 or value % 8):
-            parser.error(f"{flag} must be a positive multiple of 8 (latents are 1/8 of the image), got {value}; "
-                         f"try {max(8, round(value / 8) * 8)}")
+            fail(ns, f"{flag} must be a positive multiple of 8 (latents are 1/8 of the image), got {value}; "
+                     f"try {max(8, round(value / 8) * 8)}")
+    check_checkpoint(ns)
 
 
 def load_mask(path: Path) -> torch.Tensor:
     """A grayscale image as an `(H, W)` float mask in [0, 1], white = 1 (read by PIL, nothing else)."""
+    import torch
+    from PIL import Image
+
     with Image.open(path) as image:
         gray = image.convert("L")
         pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
@@ -274,12 +452,19 @@ def load_mask(path: Path) -> torch.Tensor:
 
 def dual_style_weights(ns: argparse.Namespace) -> Weights:
     """The profile or mask the flags describe."""
+    from PIL import Image
+
+    from ..blend import DIRECTIONS as ANGLES
+    from ..blend import Profile
+
     if ns.profile == "mask":
+        if not ns.mask.is_file():
+            fail(ns, f"--mask {ns.mask}: no such file (in {Path.cwd()})")
         try:
             return load_mask(ns.mask)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            ns.parser.error(f"--mask {ns.mask}: cannot read it as an image ({error}); give a PNG or JPEG")
-    angle = DIRECTIONS[ns.direction] if ns.direction is not None else (ns.angle or 0.0)
+            fail(ns, f"--mask {ns.mask}: cannot read it as an image ({error}); give a PNG or JPEG")
+    angle = ANGLES[ns.direction] if ns.direction is not None else (ns.angle or 0.0)
     return Profile(ns.profile, DUAL_STYLE_SHARPNESS[ns.method] if ns.sharpness is None else ns.sharpness, angle,
                    0.5 if ns.center is None else ns.center, 1.0 if ns.ramp_width is None else ns.ramp_width)
 
@@ -289,14 +474,15 @@ def run_dual_style(ns: argparse.Namespace) -> int:
     weights = dual_style_weights(ns)
     if ns.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
-    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
-    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
-        return _dual_style(ns, weights)
+    device = resolve_device(ns.device)
+    with _cpu_threads(tiny_threads(ns, device)):
+        return _dual_style(ns, weights, device)
 
 
-def _dual_style(ns: argparse.Namespace, weights: Weights) -> int:
-    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+def _dual_style(ns: argparse.Namespace, weights: Weights, device: str) -> int:
+    from .dual_style import generate_dual_style
+
+    pipe = load_model(ns, device, ns.seed)
     tiny = TINY_IMAGE_SIZE if ns.checkpoint is None else None
     width, height = ns.width or tiny, ns.height or tiny
     runs = [(ns.method, f"{ns.method}-{ns.profile}")]
@@ -312,14 +498,18 @@ def _dual_style(ns: argparse.Namespace, weights: Weights) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- spatial
+
 SPATIAL_PROMPT = "a cat to the left of a dog"
 
 
 def _relation(text: str) -> str:
+    from .spatial import normalized_relation  # only when the flag is given: it imports diffusers
+
     name = normalized_relation(text)
     if name not in RELATIONS:
         raise argparse.ArgumentTypeError(f"unknown relation {text!r}; use one of: {', '.join(RELATIONS)} "
-                                         f"(or a phrase such as {', '.join(repr(p) for p in list(RELATION_PHRASES)[:3])})")
+                                         "(or a phrase such as 'to the left of', 'on top of', 'beside')")
     return name
 
 
@@ -331,67 +521,74 @@ def _fraction(text: str) -> float:
 
 
 def _add_spatial_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("spatial", help="objects where the prompt's relation puts them (InfSplign)",
+    parser = commands.add_parser("spatial", usage="%(prog)s [options]",
+                                 help="objects where the prompt's relation puts them (InfSplign)",
+                                 formatter_class=HelpFormatter,
                                  description="Generate images of a prompt such as 'a cat to the left of a dog' with "
                                              "InfSplign's guidance: at every guided step the gradient of a loss on the "
                                              "two objects' cross-attention maps moves the noise prediction. Writes the "
                                              "PNGs and centroids.json (each object's final-map centroid per image).")
-    parser.add_argument("--prompt", default=SPATIAL_PROMPT, help="the prompt (default: '%(default)s')")
+    parser.add_argument("--prompt", default=SPATIAL_PROMPT, help="the prompt")
     parser.add_argument("--object-a", help="the first object, a word of the prompt (default: parsed from the prompt)")
     parser.add_argument("--relation", type=_relation,
-                        help=f"{', '.join(RELATIONS)}, or a phrase such as 'to the left of' (default: parsed from the prompt)")
+                        help=f"{', '.join(RELATIONS)}, or a phrase such as 'to the left of' (default: parsed from "
+                             "the prompt)")
     parser.add_argument("--object-b", help="the second object, a word of the prompt (default: parsed from the prompt)")
-    defaults = SpatialSettings()
+    defaults = SPATIAL_DEFAULTS
     loss = parser.add_argument_group("InfSplign loss and update (defaults: the original's)")
-    loss.add_argument("--phi", choices=tuple(PHI), default=defaults.phi, help="the hinge's function (default %(default)s)")
-    loss.add_argument("--alpha", type=float, default=defaults.alpha, help="slope inside phi (default %(default)s)")
-    loss.add_argument("--margin", type=float, default=defaults.margin,
-                      help="the centroid gap (in 0..1 of the image) the hinge asks for (default %(default)s)")
-    loss.add_argument("--lambda-spatial", type=float, default=defaults.lambda_spatial, help="(default %(default)s)")
-    loss.add_argument("--lambda-presence", type=float, default=defaults.lambda_presence,
-                      help="weight of var_A + var_B on the coarsest layers (default %(default)s)")
-    loss.add_argument("--lambda-balance", type=float, default=defaults.lambda_balance,
-                      help="weight of |var_A - var_B| on the finer layers (default %(default)s)")
-    loss.add_argument("--weight", type=float, default=defaults.weight,
-                      help="eps <- eps + weight * dL/dx_t; 0 samples without guidance (default %(default)s)")
-    loss.add_argument("--start", type=_fraction, default=0.0, help="guide from this fraction of the steps (default 0)")
-    loss.add_argument("--end", type=_fraction, default=1.0, help="up to this fraction of the steps (default 1: all)")
+    loss.add_argument("--phi", choices=PHI_NAMES, default=defaults["phi"], help="the hinge's function")
+    loss.add_argument("--alpha", type=float, default=defaults["alpha"], help="slope inside phi")
+    loss.add_argument("--margin", type=float, default=defaults["margin"],
+                      help="the centroid gap (in 0..1 of the image) the hinge asks for")
+    loss.add_argument("--lambda-spatial", type=float, default=defaults["lambda_spatial"],
+                      help="weight of the relation's hinge on the centroids")
+    loss.add_argument("--lambda-presence", type=float, default=defaults["lambda_presence"],
+                      help="weight of var_A + var_B on the coarsest layers")
+    loss.add_argument("--lambda-balance", type=float, default=defaults["lambda_balance"],
+                      help="weight of |var_A - var_B| on the finer layers")
+    loss.add_argument("--weight", type=float, default=defaults["weight"],
+                      help="eps <- eps + weight * dL/dx_t; 0 samples without guidance")
+    loss.add_argument("--start", type=_fraction, default=0.0, help="guide from this fraction of the steps")
+    loss.add_argument("--end", type=_fraction, default=1.0, help="up to this fraction of the steps (1: all)")
     parser.add_argument("--scheduler", choices=("ddpm", "pipeline"), default="ddpm",
-                        help="ddpm: the original's DDPM with trailing timesteps; pipeline: the loaded one's (DDIM) "
-                             "(default %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default %(default)s)")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+                        help="ddpm: the original's DDPM with trailing timesteps; pipeline: the loaded one's (DDIM)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
-    parser.add_argument("--images", type=int, default=1, help="how many images (default %(default)s)")
-    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
-    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("outputs/spatial"), help="output folder (default %(default)s)")
+    parser.add_argument("--images", type=int, default=1, help="how many images")
+    parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 8 (default: the model's; "
+                                                 f"{TINY_IMAGE_SIZE} for the tiny model)")
+    add_model_flags(parser)
+    add_device_flag(parser)
+    add_out_flag(parser, "spatial", "the PNGs and centroids.json")
     parser.add_argument("--plain", action="store_true", help="also write unguided images from the same noise")
     parser.set_defaults(run=run_spatial, parser=parser)
 
 
 def _validate_spatial(ns: argparse.Namespace) -> None:
-    parser: argparse.ArgumentParser = ns.parser
+    from ..spatial import parse_relation
+
     missing = [name for name in ("object_a", "relation", "object_b") if getattr(ns, name) is None]
     if missing:
         parsed = parse_relation(ns.prompt)
         if parsed is None:
             flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-            parser.error(f"the prompt {ns.prompt!r} has no relation phrase to find the objects in; write one into it, "
-                         f"e.g. '{SPATIAL_PROMPT}' ({', '.join(RELATIONS)}), or give {flags}")
+            fail(ns, f"the prompt {ns.prompt!r} has no relation phrase to find the objects in; write one into it, "
+                     f"e.g. '{SPATIAL_PROMPT}' ({', '.join(RELATIONS)}), or give {flags}")
         for name in missing:
             setattr(ns, name, getattr(parsed, name))
     if ns.start > ns.end:
-        parser.error(f"--start ({ns.start}) must not be after --end ({ns.end})")
+        fail(ns, f"--start ({ns.start}) must not be after --end ({ns.end})")
     if ns.steps < 1 or ns.images < 1:
-        parser.error("--steps and --images must be >= 1")
+        fail(ns, "--steps and --images must be >= 1")
     if ns.size is not None and (ns.size < 8 or ns.size % 8):
-        parser.error(f"--size must be a positive multiple of 8 (latents are 1/8 of the image), got {ns.size}")
+        fail(ns, f"--size must be a positive multiple of 8 (latents are 1/8 of the image), got {ns.size}")
+    check_checkpoint(ns)
 
 
 def spatial_settings(ns: argparse.Namespace) -> SpatialSettings:
+    from ..spatial import SpatialSettings
+
     return SpatialSettings(relation=ns.relation, phi=ns.phi, alpha=ns.alpha, margin=ns.margin,
                            lambda_spatial=ns.lambda_spatial, lambda_presence=ns.lambda_presence,
                            lambda_balance=ns.lambda_balance, weight=ns.weight)
@@ -401,9 +598,9 @@ def run_spatial(ns: argparse.Namespace) -> int:
     _validate_spatial(ns)
     if ns.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
-    # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
-    with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
-        return _spatial(ns)
+    device = resolve_device(ns.device)
+    with _cpu_threads(tiny_threads(ns, device)):
+        return _spatial(ns, device)
 
 
 def _spatial_records(result: SpatialResult, files: list[Path], seed: int, guided: bool) -> list[dict]:
@@ -413,15 +610,16 @@ def _spatial_records(result: SpatialResult, files: list[Path], seed: int, guided
                                                                 result.distances, result.holds))]
 
 
-def _spatial(ns: argparse.Namespace) -> int:
-    dtype = torch.float16 if ns.checkpoint and ns.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(ns.checkpoint, ns.family, ns.device, dtype, ns.seed)
+def _spatial(ns: argparse.Namespace, device: str) -> int:
+    from .spatial import generate_spatial, infsplign_scheduler, object_tokens
+
+    pipe = load_model(ns, device, ns.seed)
     if ns.scheduler == "ddpm":
         pipe.scheduler = infsplign_scheduler(pipe)
     try:
         object_tokens(pipe, ns.prompt, ns.object_b, exclude=object_tokens(pipe, ns.prompt, ns.object_a))
     except ValueError as error:
-        ns.parser.error(f"{error} (--object-a/--object-b)")
+        fail(ns, f"{error} (--object-a/--object-b)")
     settings = spatial_settings(ns)
     size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
     print(f"InfSplign: {ns.object_a!r} {ns.relation} {ns.object_b!r}, weight {settings.weight:g}, "
@@ -448,41 +646,48 @@ def _spatial(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- analyze
+
 SERIES_EXAMPLE = ('{"reference_prompt": "a dark brown rabbit", "content_prompt": "a dark brown rabbit", '
                   '"styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 5}')
 
 
 def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("analyze", help="a Conditional Balance layer grading from a StyleAligned image series",
+    parser = commands.add_parser("analyze", usage="%(prog)s --series FILE [options]",
+                                 help="a Conditional Balance layer grading from a StyleAligned image series",
+                                 formatter_class=HelpFormatter,
                                  description="Generate styles x samples StyleAligned images, record every shared "
                                              "self-attention layer's q/k/v statistics and grade the layers (JSD). "
                                              "Under `accelerate launch` the jobs are split across processes.")
-    parser.add_argument("--series", type=Path, required=True, help=f"JSON file, e.g. {SERIES_EXAMPLE}")
-    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default %(default)s)")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale, > 1 (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=10, help="sample j of every style starts from seed + 2j (default %(default)s)")
+    parser.add_argument("--series", type=Path, required=True,
+                        help=f"JSON file describing the series, e.g. {SERIES_EXAMPLE}")
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale, > 1")
+    parser.add_argument("--seed", type=int, default=10, help="sample j of every style starts from seed + 2j")
     parser.add_argument("--no-adain-values", dest="adain_values", action="store_false",
-                        help="AdaIN on q and k only (the paper's geometry series); default q, k and v (texture)")
-    parser.add_argument("--size", type=int, help=f"image side in pixels (default: the model's; {TINY_IMAGE_SIZE} for the tiny model)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/analysis"), help="output folder (default %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="AdaIN on q and k only (the paper's geometry series); default: q, k and v (texture)")
+    parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 8 (default: the model's; "
+                                                 f"{TINY_IMAGE_SIZE} for the tiny model)")
+    add_out_flag(parser, "analysis", "the statistics, grading.safetensors and grading.png")
+    add_device_flag(parser)
     parser.set_defaults(run=run_analyze, parser=parser)
 
 
 def _series_or_exit(ns: argparse.Namespace) -> Series:
+    from .analysis import load_series
+
     try:
         return load_series(ns.series)
     except ValueError as error:
-        ns.parser.error(f"--series {ns.series}: {error}. Fix: give a JSON file like {SERIES_EXAMPLE}")
-    raise AssertionError("unreachable")  # parser.error exits
+        fail(ns, f"--series {ns.series}: {error}. Fix: give a JSON file like {SERIES_EXAMPLE}")
 
 
 def run_analyze(ns: argparse.Namespace) -> int:
     series = _series_or_exit(ns)
     if ns.cfg <= 1 or ns.steps < 1 or (ns.size is not None and ns.size % 8):
-        ns.parser.error("--cfg must be > 1, --steps >= 1 and --size a multiple of 8")
+        fail(ns, "--cfg must be > 1, --steps >= 1 and --size a multiple of 8")
+    check_checkpoint(ns)
     from accelerate import PartialState  # imported here: only this command shards
 
     state = PartialState()
@@ -493,34 +698,69 @@ def run_analyze(ns: argparse.Namespace) -> int:
               "configure accelerate for several processes (`accelerate config`, e.g. multi-GPU) or run one process.",
               file=sys.stderr)
         return 2
-    device = str(state.device) if state.num_processes > 1 else ns.device
+    device = str(state.device) if state.num_processes > 1 else resolve_device(ns.device)
     if ns.checkpoint is None and state.is_main_process:
         print(RANDOM_WEIGHTS_NOTICE)
     ns.out.mkdir(parents=True, exist_ok=True)
-    with _cpu_threads(1 if ns.checkpoint is None and device == "cpu" else None):
-        dtype = torch.float16 if ns.checkpoint and device.startswith("cuda") else torch.float32
-        pipe = load_pipeline(ns.checkpoint, ns.family, device, dtype, 0)
-        pipe.set_progress_bar_config(disable=True)
-        args = StyleAlignedArgs(share_group_norm=False, share_layer_norm=False, adain_values=ns.adain_values)
-        size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
-        with state.split_between_processes(series.jobs) as jobs, \
-                tqdm(total=len(jobs), desc=f"analyze [{state.process_index}]", position=state.process_index) as bar:
-            stats = analyze_jobs(pipe, series, jobs, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, size=size,
-                                 args=args, progress=bar.update)
-        save_stats(stats, ns.out / f"stats-shard{state.process_index}.safetensors")
+    with _cpu_threads(tiny_threads(ns, device)):
+        _analyze_shard(ns, series, state, device)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
-    shards = [load_stats(ns.out / f"stats-shard{i}.safetensors") for i in range(state.num_processes)]
-    grading = grade_series(merge_shards(shards), name=ns.series.stem)
+    return _grade(ns, state.num_processes)
+
+
+def _analyze_shard(ns: argparse.Namespace, series: Series, state: PartialState, device: str) -> None:
+    from tqdm.auto import tqdm
+
+    from ..style import StyleAlignedArgs
+    from .analysis import analyze_jobs, save_stats
+
+    pipe = load_model(ns, device, 0)
+    pipe.set_progress_bar_config(disable=True)
+    args = StyleAlignedArgs(share_group_norm=False, share_layer_norm=False, adain_values=ns.adain_values)
+    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+    with state.split_between_processes(series.jobs) as jobs, \
+            tqdm(total=len(jobs), desc=f"analyze [{state.process_index}]", position=state.process_index) as bar:
+        stats = analyze_jobs(pipe, series, jobs, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, size=size,
+                             args=args, progress=bar.update)
+    save_stats(stats, ns.out / f"stats-shard{state.process_index}.safetensors")
+
+
+def _grade(ns: argparse.Namespace, shards: int) -> int:
+    from ..balance import save_grading
+    from .analysis import grade_series, grading_heatmap, load_stats, merge_shards
+
+    stats = [load_stats(ns.out / f"stats-shard{i}.safetensors") for i in range(shards)]
+    grading = grade_series(merge_shards(stats), name=ns.series.stem)
     print(save_grading(grading, ns.out / "grading.safetensors"))
     grading_heatmap(grading).save(ns.out / "grading.png")
     print(ns.out / "grading.png")
     return 0
 
 
+# ---------------------------------------------------------------- the parser
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from .cli_adapter import add_adapter_parsers  # here: cli_adapter imports this module's shared flags
+
+    parser = argparse.ArgumentParser(
+        prog=prog or program(), formatter_class=HelpFormatter, description="MultiCond on diffusers pipelines.",
+        epilog="Relative paths (--out, --checkpoint, --reference-image, ...) are taken from the current directory; "
+               "each command writes to outputs/<command>/ there unless --out says otherwise. Run a command with "
+               "--help for its flags.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_style_aligned_parser(commands)
+    _add_dual_style_parser(commands)
+    _add_spatial_parser(commands)
+    _add_analyze_parser(commands)
+    add_adapter_parsers(commands)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    quiet_torchvision_notice()
     command: Command = ns.run
     return command(ns)
 

@@ -1,6 +1,8 @@
 """Command lines of the localized adapter: `train-adapter` and `score-local`.
 
-`add_adapter_parsers(commands)` registers both on the subparsers of `python -m multicond`.
+`add_adapter_parsers(commands)` registers both on the subparsers of `python -m multicond`. As in
+`cli`, only the standard library is imported here; numpy, PIL, torch and the method code are
+imported by the commands when they run.
 """
 
 from __future__ import annotations
@@ -9,21 +11,33 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
+from .cli import (RANDOM_WEIGHTS_NOTICE, TINY_IMAGE_SIZE, HelpFormatter, _cpu_threads, add_model_flags,
+                  check_checkpoint, fail, load_model)
 
-from ..adapter import (CONDITION_NAMES, EDGE_METHODS, METRIC_SIGMA, SOFT_MASKS, ConditionName, SoftMask, canny_edges,
-                       diffcc, lf_mse, lf_mse_sobel, sobel_image)
-from ..errors import InputError
-from .adapter_training import IMAGE_SUFFIXES, AdapterTrainSettings, train_adapter
-from .tiny import FAMILIES, TINY_IMAGE_SIZE
+if TYPE_CHECKING:
+    from ..adapter import ConditionName, SoftMask
+    from .adapter_training import AdapterTrainSettings
+
+# ---------------------------------------------------------------- help-time facts
+# Mirrors of library values, here because importing the library takes seconds and --help must not;
+# tests/test_cli.py checks each against its source.
+TRAIN_DEFAULTS: dict[str, int | float | str] = {  # adapter_training.AdapterTrainSettings's defaults
+    "steps": 50000, "batch_size": 8, "grad_accumulation": 2, "lr": 8e-5, "warmup": 500, "edge_weight": 1e-3,
+    "edge_method": "constant", "empty_prompt_rate": 0.5, "checkpoint_every": 1000, "seed": 0}
+EDGE_METHODS: tuple[str, ...] = ("constant", "step_unit", "time_unit")  # core.adapter.EDGE_METHODS
+CONDITION_NAMES: tuple[str, ...] = ("sobel", "canny")  # core.adapter.CONDITION_NAMES
+SOFT_MASKS: tuple[str, ...] = ("threshold", "original")  # core.adapter.SOFT_MASKS
+METRIC_SIGMA = 5.0  # core.adapter.METRIC_SIGMA
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    defaults = AdapterTrainSettings(images=Path("."), out=Path("."))
+    defaults = TRAIN_DEFAULTS
     parser = commands.add_parser(
-        "train-adapter", help="train a localized (masked-feature) T2I-Adapter on an image folder",
+        "train-adapter", usage="%(prog)s --images DIR [options]",
+        help="train a localized (masked-feature) T2I-Adapter on an image folder",
+        formatter_class=HelpFormatter,
         description="Train a T2I-Adapter whose features are multiplied by a random box mask, with the paper's loss "
                     "(noise MSE + lambda * masked Sobel MSE of the predicted clean latent). The condition is the "
                     "1-channel Canny (100, 200) edge map of each image (repeated for an --init-adapter with 3 "
@@ -32,31 +46,36 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                     "ControlNet loader). Runs under `accelerate launch` too.")
     parser.add_argument("--images", type=Path, required=True,
                         help="folder of training images, each with its caption in a same-name .txt file")
-    parser.add_argument("--out", type=Path, default=Path("outputs/adapter"), help="output folder (default %(default)s)")
-    parser.add_argument("--checkpoint", help="a diffusers folder or a .safetensors/.ckpt file; default: tiny random model")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="sd1 (SD1.x/2.x) or sdxl (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer updates (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process (default %(default)s)")
-    parser.add_argument("--grad-accumulation", type=int, default=defaults.grad_accumulation,
-                        help="micro-batches per update (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default %(default)s, the paper's)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up updates (default %(default)s)")
-    parser.add_argument("--edge-weight", type=float, default=defaults.edge_weight,
-                        help="lambda of the masked Sobel term (default %(default)s, the paper's)")
-    parser.add_argument("--edge-method", choices=EDGE_METHODS, default=defaults.edge_method,
-                        help="lambda(t): constant; step_unit (only t in 500..999); time_unit ((1 - alpha_bar_t) * lambda) "
-                             "(default %(default)s)")
-    parser.add_argument("--empty-prompts", dest="empty_prompt_rate", type=float, default=defaults.empty_prompt_rate,
-                        help="share of captions replaced by the empty prompt (default %(default)s)")
-    parser.add_argument("--size", type=int, help=f"training side in pixels (default 512; {TINY_IMAGE_SIZE} for the tiny model)")
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                        help="save a resumable checkpoint every N updates (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("outputs", "adapter"),
+                        help="output folder, relative to the current directory")
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer updates")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="images per micro-batch, per process")
+    parser.add_argument("--grad-accumulation", type=int, default=defaults["grad_accumulation"],
+                        help="micro-batches per update")
+    parser.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate, the paper's")
+    parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="linear warm-up updates")
+    parser.add_argument("--edge-weight", type=float, default=defaults["edge_weight"],
+                        help="lambda of the masked Sobel term, the paper's")
+    parser.add_argument("--edge-method", choices=EDGE_METHODS, default=defaults["edge_method"],
+                        help="lambda(t): constant; step_unit (only t in 500..999); time_unit "
+                             "((1 - alpha_bar_t) * lambda)")
+    parser.add_argument("--empty-prompts", dest="empty_prompt_rate", type=float, default=defaults["empty_prompt_rate"],
+                        help="share of captions replaced by the empty prompt")
+    parser.add_argument("--size", type=int,
+                        help=f"training side in pixels, a multiple of 8 (default: 512; {TINY_IMAGE_SIZE} for the "
+                             "tiny model)")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"],
+                        help="save a resumable checkpoint every N updates")
     parser.add_argument("--resume", nargs="?", const="latest",
-                        help="continue from a checkpoint folder; alone: the newest under OUT/checkpoints")
+                        help="continue from a checkpoint folder; the flag alone: the newest under OUT/checkpoints "
+                             "(default: start anew)")
     parser.add_argument("--init-adapter",
                         help="start from these adapter weights (an adapter.safetensors or a diffusers folder); "
-                             "its input channels (1 or 3) decide how the edge map is fed")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
+                             "its input channels (1 or 3) decide how the edge map is fed (default: a new adapter)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"],
+                        help="seed of the adapter's init, the boxes and the noise")
     parser.add_argument("--device", choices=("cpu", "auto"), default="auto",
                         help="auto: a GPU when there is one (or what `accelerate launch` assigns); cpu forces the CPU")
     parser.set_defaults(run=run_train_adapter, parser=parser)
@@ -77,9 +96,14 @@ def _validate_train(ns: argparse.Namespace) -> None:
         parser.error(f"--images {ns.images}: no such folder; give a folder of images with same-name .txt captions")
     if ns.resume not in (None, "latest") and not Path(ns.resume).is_dir():
         parser.error(f"--resume {ns.resume}: no such checkpoint folder; give OUT/checkpoints/step-..., or --resume alone")
+    if ns.init_adapter is not None and not Path(ns.init_adapter).exists():
+        parser.error(f"--init-adapter {ns.init_adapter}: no such file or folder (in {Path.cwd()})")
+    check_checkpoint(ns)
 
 
 def train_settings(ns: argparse.Namespace) -> AdapterTrainSettings:
+    from .adapter_training import AdapterTrainSettings
+
     return AdapterTrainSettings(
         images=ns.images, out=ns.out, checkpoint=ns.checkpoint, family=ns.family, steps=ns.steps,
         batch_size=ns.batch_size, grad_accumulation=ns.grad_accumulation, lr=ns.lr, warmup=ns.warmup,
@@ -89,15 +113,18 @@ def train_settings(ns: argparse.Namespace) -> AdapterTrainSettings:
 
 
 def run_train_adapter(ns: argparse.Namespace) -> int:
-    from .cli import RANDOM_WEIGHTS_NOTICE, _cpu_threads  # here: cli.py imports this module
+    from ..errors import InputError
+    from .adapter_training import train_adapter
 
     _validate_train(ns)
     if ns.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
+    # A checkpoint is loaded here, offline and with the CLI's one-line errors; training moves it to its device.
+    pipe = None if ns.checkpoint is None else load_model(ns, "cpu", ns.seed)
     try:
         # The tiny model's ops are so small that extra CPU threads only add synchronisation cost.
         with _cpu_threads(1 if ns.checkpoint is None and ns.device == "cpu" else None):
-            result = train_adapter(train_settings(ns))
+            result = train_adapter(train_settings(ns), pipe=pipe)
     except InputError as error:
         ns.parser.error(f"{error.input_name}: {error.problem}. {error.fix}")
     print(f"trained {result.steps - result.start_step} updates (from step {result.start_step}); "
@@ -110,7 +137,9 @@ def run_train_adapter(ns: argparse.Namespace) -> int:
 
 def _add_score_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "score-local", help="LF-MSE (and DiffCC) of generated images against their conditions inside/outside masks",
+        "score-local", usage="%(prog)s --generated DIR --conditions DIR --masks DIR [options]",
+        help="LF-MSE (and DiffCC) of generated images against their conditions inside/outside masks",
+        formatter_class=HelpFormatter,
         description="For each generated image, the condition and the mask of the same file name (any image "
                     "extension). --condition-name sobel (the original's evaluation): the Sobel map of the generated "
                     "image against the condition's, LF-MSE in/out. canny: Canny (100, 200) edges, LF-MSE in/out "
@@ -120,27 +149,32 @@ def _add_score_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--masks", type=Path, required=True, help="folder of masks (same names; white = inside)")
     parser.add_argument("--condition-name", choices=CONDITION_NAMES, default=CONDITION_NAMES[0],
                         help="sobel: Sobel maps, no blur (the original's evaluate_metrics.py); canny: Canny edges, "
-                             "low-passed, plus DiffCC (default %(default)s)")
+                             "low-passed, plus DiffCC")
     parser.add_argument("--condition-kind", choices=("edges", "image"), default="edges",
                         help="edges: the conditions are already maps (Sobel magnitudes or white Canny edges, per "
-                             "--condition-name); image: take their Sobel map or Canny edges (default %(default)s)")
+                             "--condition-name); image: take their Sobel map or Canny edges")
     parser.add_argument("--soft-mask", choices=SOFT_MASKS, default="threshold",
                         help="how a grey mask pixel counts: threshold: inside where >= 0.5, else outside; original: "
-                             "inside where > 0 and outside where < 1, both for a grey pixel (default %(default)s)")
+                             "inside where > 0 and outside where < 1, both for a grey pixel")
     parser.add_argument("--sigma", type=float, default=METRIC_SIGMA,
-                        help="Gaussian low-pass sigma, canny only (default %(default)s)")
+                        help="Gaussian low-pass sigma, canny only")
     parser.add_argument("--outside-target", type=float, default=1.0,
                         help="LF-MSE out compares the generated edges outside with this constant: 1.0 as the original "
-                             "code; 0.0 reads it as 'against no edges' (default %(default)s)")
-    parser.add_argument("--out", type=Path, help="JSON file (default: GENERATED/local_scores.json)")
+                             "code; 0.0 reads it as 'against no edges'")
+    parser.add_argument("--out", type=Path, help="JSON file, relative to the current directory (default: "
+                                                 "GENERATED/local_scores.json)")
     parser.set_defaults(run=run_score_local, parser=parser)
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
+    from .adapter_training import IMAGE_SUFFIXES
+
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
     finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
     return {"mean": float(finite.mean()) if finite.size else float("nan"),
             "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0, "count": int(finite.size)}
@@ -155,6 +189,11 @@ def score_image(generated: Path, condition: Path, mask: Path, condition_kind: st
     `lf_mse_sobel`, as the original's scripts/evaluate_metrics.py:57, 71. canny: `canny_edges`,
     `lf_mse` and `diffcc`.
     """
+    import numpy as np
+    from PIL import Image
+
+    from ..adapter import canny_edges, diffcc, lf_mse, lf_mse_sobel, sobel_image
+
     image = Image.open(generated).convert("RGB")
     size = image.size
     mark = sobel_image if condition_name == "sobel" else canny_edges
@@ -182,10 +221,15 @@ def run_score_local(ns: argparse.Namespace) -> int:
                      f"({len(conditions)}) and --masks ({len(masks)}); name each condition and mask as its "
                      "generated image (e.g. 0001.png in all three)")
     records = []
+    from PIL import Image
+
     for name in names:
-        records.append({"file": generated[name].name,
-                        **score_image(generated[name], conditions[name], masks[name], ns.condition_kind, ns.sigma,
-                                      ns.outside_target, ns.condition_name, ns.soft_mask)})
+        try:
+            scores = score_image(generated[name], conditions[name], masks[name], ns.condition_kind, ns.sigma,
+                                 ns.outside_target, ns.condition_name, ns.soft_mask)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            fail(ns, f"cannot read the generated image, condition or mask named {name!r} ({error})")
+        records.append({"file": generated[name].name, **scores})
     keys = [k for k in records[0] if k != "file"]
     summary = {key: _summary([r[key] for r in records]) for key in keys}
     report = {"images": len(records), "unmatched": sorted(set(generated) - set(names)),

@@ -4,20 +4,29 @@
 (noise predicted with CFG 2 on an [uncond, cond] batch, as StyleAligned's `inversion.py`);
 `pin_reference` gives the starting latent and the `callback_on_step_end` that holds the reference
 row on the inverted trajectory; `generate` runs a pipeline with the binding installed.
+
+`load_checkpoint` reads a diffusers folder or a single-file SD1.x/SDXL checkpoint offline: the
+component configs ship with the package (pipeline-configs/<family>/) and the CLIP tokenizer comes from
+`--tokenizer`, a ComfyUI install around the checkpoint, or the local Hugging Face cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from ..errors import InputError
 from ..inversion import INVERSION_GUIDANCE, PIN_OFFSET, ddim_invert, pinned_step
 from ..style import StyleAlignedArgs
 from .style_aligned import install_style_aligned
@@ -183,3 +192,194 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], args: StyleAligned
         return pipe(**call).images
     with install_style_aligned(pipe, args):
         return pipe(**call).images
+
+
+# ---------------------------------------------------------------- loading checkpoints offline
+
+# pipeline-configs/<family>/: a diffusers model folder without weights (a hyphen: no setuptools package lookalike).
+CONFIGS = Path(__file__).parent / "pipeline-configs"
+LOADER = "load_checkpoint"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_LENGTH = 77  # CLIP's context; a bare vocab.json + merges.txt folder does not say it
+COMFYUI_TOKENIZER = Path("comfy", "sd1_tokenizer")  # where a ComfyUI install keeps CLIP's vocabulary
+# Hub repositories whose cached copy holds CLIP's tokenizer: (repo, folder in it); looked up without network.
+HUB_TOKENIZERS: tuple[tuple[str, str], ...] = (
+    ("openai/clip-vit-large-patch14", ""), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
+    ("runwayml/stable-diffusion-v1-5", "tokenizer/"), ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer/"))
+SDXL_PAD_TOKEN = "!"  # OpenCLIP pads with token 0, "!": SDXL base's tokenizer_2 does too
+# A key that only this kind of original-layout (LDM) checkpoint holds, tried in order.
+KIND_KEYS: tuple[tuple[str, str], ...] = (
+    ("SDXL", "conditioner.embedders.1.model.positional_embedding"),
+    ("SDXL refiner", "conditioner.embedders.0.model.positional_embedding"),
+    ("SD2", "cond_stage_model.model.token_embedding.weight"),
+    ("SD1", "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"),
+)
+KIND_FAMILY = {"SD1": "sd1", "SDXL": "sdxl"}
+UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+LATENT_CHANNELS = 4
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def checkpoint_kind(shapes: Shapes) -> str:
+    """The model an original-layout checkpoint holds, from its keys: SD1, SDXL, SD2, SDXL refiner, ... or unknown."""
+    conv_in = shapes.get(UNET_INPUT)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != LATENT_CHANNELS:
+        return f"{conv_in[1]}-channel (inpainting or other) UNet"
+    return next((kind for kind, key in KIND_KEYS if key in shapes), "unknown")
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a .safetensors file (its header only) or a .ckpt/.pt file (memory-mapped if it can)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as file:
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on odd pickles: the file is read again by the real load
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def readable_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """`checkpoint_shapes`, any failure to parse the file reported as one `InputError`."""
+    try:
+        return checkpoint_shapes(path)
+    except Exception as error:  # noqa: BLE001 - whatever the parser trips on, the file is not a readable checkpoint
+        raise InputError(LOADER, "--checkpoint", f"{path}: cannot read it as a checkpoint ({_first_line(error)})",
+                         "Give an SD1.x or SDXL .safetensors/.ckpt file, or a diffusers model folder") from error
+
+
+def tokenizer_folder(path: Path) -> Path | None:
+    """`path`, or its tokenizer/ subfolder (a diffusers model), when it holds CLIP's vocab.json and merges.txt."""
+    for folder in (path, path / "tokenizer"):
+        if all((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    return None
+
+
+def comfyui_tokenizer(checkpoint: Path) -> Path | None:
+    """ComfyUI's copy of CLIP's vocabulary, when the checkpoint lies inside a ComfyUI install (models/checkpoints/)."""
+    for folder in checkpoint.resolve().parents:
+        found = tokenizer_folder(folder / COMFYUI_TOKENIZER)
+        if found is not None:
+            return found
+    return None
+
+
+def cached_tokenizer() -> Path | None:
+    """A CLIP tokenizer in the local Hugging Face cache, looked up without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, folder in HUB_TOKENIZERS:
+        files = [try_to_load_from_cache(repo, folder + name) for name in TOKENIZER_FILES]
+        if all(isinstance(file, str) for file in files) and len({Path(file).parent for file in files}) == 1:
+            return Path(files[0]).parent
+    return None
+
+
+def find_tokenizer(checkpoint: Path, explicit: Path | None = None) -> Path:
+    """The folder of CLIP's tokenizer files: `explicit`, else a ComfyUI install around `checkpoint`, else the cache."""
+    fix = "Pass --tokenizer DIR, a folder with CLIP's vocab.json and merges.txt (e.g. ComfyUI/comfy/sd1_tokenizer)"
+    if explicit is not None:
+        found = tokenizer_folder(explicit)
+        if found is None:
+            raise InputError(LOADER, "--tokenizer", f"{explicit}: no vocab.json and merges.txt in it", fix)
+        return found
+    found = comfyui_tokenizer(checkpoint) or cached_tokenizer()
+    if found is None:
+        raise InputError(LOADER, "--tokenizer", f"not given, and no CLIP tokenizer found offline for {checkpoint}", fix)
+    return found
+
+
+def family_configs(family: str, root: Path | None = None) -> Path:
+    """The shipped diffusers-layout configs (model_index.json, unet/, vae/, text_encoder/, ...) of a family."""
+    return (root or CONFIGS) / family
+
+
+def single_file_family(path: Path, family: str) -> str:
+    """`family` after checking the file holds that kind of model (a one-line `InputError` if not)."""
+    kind = checkpoint_kind(readable_shapes(path))
+    found = KIND_FAMILY.get(kind)
+    if found is None:
+        raise InputError(LOADER, "--checkpoint", f"{path}: not an SD1.x or SDXL base checkpoint (its keys say: {kind})",
+                         "Single files load for those two; for another model give its diffusers folder")
+    if found != family:
+        raise InputError(LOADER, "--family", f"{family}, but {path} holds an {kind} model", f"Add --family {found}")
+    return found
+
+
+def load_single_file(path: Path, family: str, dtype: torch.dtype = torch.float32, tokenizer: Path | None = None,
+                     configs: Path | None = None) -> DiffusionPipeline:
+    """An SD1.x/SDXL pipeline from an original-layout single file, without network.
+
+    The component configs come from `configs` (default: the shipped `family_configs(family)`), the
+    tokenizer from `find_tokenizer(path, tokenizer)`.
+    """
+    from transformers import CLIPTokenizer
+
+    family = single_file_family(path, family)
+    folder = find_tokenizer(path, tokenizer)
+    components: dict[str, Any] = {"tokenizer": CLIPTokenizer.from_pretrained(folder, model_max_length=TOKENIZER_LENGTH)}
+    if family == "sdxl":
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, model_max_length=TOKENIZER_LENGTH,
+                                                                  pad_token=SDXL_PAD_TOKEN)
+        cls, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+    else:
+        cls, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+    config = family_configs(family) if configs is None else configs
+    # float32 is what the components are built in; naming it anyway makes diffusers warn about a cast.
+    precision = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    try:
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True, **precision, **components,
+                                    **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise InputError(LOADER, "--checkpoint", f"{path}: cannot load it as {family} ({_first_line(error)})",
+                         "Give an unmodified SD1.x or SDXL base checkpoint, or its diffusers folder") from error
+
+
+def folder_family(path: Path) -> str:
+    """sd1 or sdxl, from a diffusers model folder's model_index.json (a one-line `InputError` if it has none)."""
+    try:
+        name = json.loads((path / "model_index.json").read_text("utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(LOADER, "--checkpoint", f"{path}: not a diffusers model folder ({_first_line(error)})",
+                         "Give the folder that holds model_index.json, or a .safetensors/.ckpt file") from error
+    return "sdxl" if "XL" in name else "sd1"
+
+
+def load_checkpoint(checkpoint: str | Path, family: str = "sd1", device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, tokenizer: Path | None = None,
+                    configs: Path | None = None) -> DiffusionPipeline:
+    """A pipeline from a diffusers folder or a single file, offline, with the DDIM scheduler StyleAligned uses.
+
+    Problems with the input (a missing or unreadable file, another model family, no tokenizer) raise
+    `InputError` with a one-line message naming the flag and the fix.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InputError(LOADER, "--checkpoint", f"{path}: no such file or folder",
+                         "Give a .safetensors/.ckpt file or a diffusers model folder (relative to the current folder)")
+    if path.is_dir():
+        found = folder_family(path)
+        if found != family:
+            raise InputError(LOADER, "--family", f"{family}, but {path} holds an {found} model",
+                             f"Add --family {found}")
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    else:
+        pipe = load_single_file(path, family, dtype, tokenizer, configs)
+    if not hasattr(pipe, "unet"):
+        raise InputError(LOADER, "--checkpoint", f"{path}: {type(pipe).__name__} has no UNet",
+                         "Use an SD1.x/SD2/SDXL checkpoint")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    return pipe.to(device)

@@ -17,6 +17,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .pipeline import load_checkpoint
+
 Family = Literal["sd1", "sdxl"]
 FAMILIES: tuple[str, ...] = ("sd1", "sdxl")
 
@@ -140,23 +142,8 @@ def tiny_pipeline(family: Family = "sd1", seed: int = 0) -> StableDiffusionPipel
 
 def load_pipeline(checkpoint: str | None, family: Family = "sd1", device: str = "cpu",
                   dtype: torch.dtype = torch.float32, seed: int = 0) -> DiffusionPipeline:
-    """A real pipeline from a diffusers folder or a single-file checkpoint, or the tiny one.
-
-    `checkpoint=None` gives `tiny_pipeline(family, seed)`. A folder is read with `from_pretrained`,
-    a file (.safetensors/.ckpt) with the family's `from_single_file`. The scheduler is replaced by
-    the SD DDIM scheduler StyleAligned uses.
-    """
+    """A real pipeline from a diffusers folder or a single-file checkpoint, loaded offline (`pipeline.load_checkpoint`),
+    or the tiny one when `checkpoint` is None; the scheduler is the SD DDIM scheduler StyleAligned uses."""
     if checkpoint is None:
         return tiny_pipeline(family, seed).to(device)
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
-    if path.is_dir():
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
-    else:
-        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(path), torch_dtype=dtype)
-    if not hasattr(pipe, "unet"):
-        raise ValueError(f"--checkpoint {checkpoint}: {type(pipe).__name__} has no UNet; use an SD1.x/SD2/SDXL checkpoint")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    return pipe.to(device)
+    return load_checkpoint(checkpoint, family, device, dtype)
