@@ -1,40 +1,58 @@
-"""Canonical self-attention layer ids and their names in ComfyUI and diffusers.
+"""Canonical attention-layer ids of every model family, and their names in ComfyUI and diffusers.
 
-A layer id is ComfyUI's patch key `(block, number, depth)`: `block` is input/middle/output,
-`number` indexes `input_blocks`/`output_blocks` (0 for the middle block) and `depth` is the
-transformer block inside that SpatialTransformer. Its diffusers name follows from the UNet's
-number of res blocks per level, so one table serves both hosts and every SD1.x/2.x/SDXL-shaped
-UNet, the tiny test models included.
+UNets (SD1.x/2.x, SDXL): a layer id is ComfyUI's patch key `(block, number, depth)`: `block` is
+input/middle/output, `number` indexes `input_blocks`/`output_blocks` (0 for the middle block) and
+`depth` is the transformer block inside that SpatialTransformer. Its diffusers name follows from the
+UNet's number of res blocks per level (`UNetLayout`), so one table serves both hosts and every
+SD1.x/2.x/SDXL-shaped UNet, the tiny test models included. UNet layers are listed in diffusers'
+`unet.attn_processors` order (down blocks, up blocks, middle), the order StyleAligned's
+`only_self_level` counts in.
 
-Layers are listed in diffusers' `unet.attn_processors` order (down blocks, up blocks, middle),
-the order StyleAligned's `only_self_level` counts in.
+DiTs (`DiTLayout`): one id per joint attention, block `joint` (SD3/SD3.5 MMDiT), `double` or
+`single` (Flux), `number` = the block index, depth 0. Image and text tokens share that one softmax;
+where the image tokens sit in the sequence depends on the host (`token_order`, `image_span`). The
+SD3.5-M image-only `attn2` is not a layer id: style methods act on the joint attention only.
+
+`ModelLayout` is what both layouts offer; selections (`select_all`, `select_blocks`,
+`select_evenly_spaced`, `LayerSelection.check`) take either.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 
 from .errors import InputError
 
-BLOCKS = ("input", "middle", "output")
+UNET_BLOCKS = ("input", "middle", "output")
+DIT_BLOCKS = ("joint", "double", "single")  # SD3/SD3.5 joint blocks; Flux double- and single-stream blocks
+BLOCKS = UNET_BLOCKS + DIT_BLOCKS
 
 
 @dataclass(frozen=True, order=True)
 class LayerId:
     block: str
     number: int
-    depth: int
+    depth: int = 0
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
             raise ValueError(f"layer block must be one of {BLOCKS}, got {self.block!r}")
+        if self.block in DIT_BLOCKS and self.depth != 0:
+            raise ValueError(f"a DiT layer has depth 0 (one attention per block), "
+                             f"got {self.block}.{self.number}.{self.depth}")
+
+    @property
+    def is_dit(self) -> bool:
+        return self.block in DIT_BLOCKS
 
     def __str__(self) -> str:
-        return f"{self.block}.{self.number}.{self.depth}"
+        return f"{self.block}.{self.number}" if self.is_dit else f"{self.block}.{self.number}.{self.depth}"
 
     @property
     def comfy_key(self) -> tuple[str, int, int]:
@@ -42,7 +60,11 @@ class LayerId:
 
     @classmethod
     def parse(cls, text: str) -> LayerId:
-        block, number, depth = text.strip().split(".")
+        """`output.1.0` (UNet) or `joint.3` (DiT; `joint.3.0` is accepted too)."""
+        parts = text.strip().split(".")
+        if len(parts) == 2 and parts[0] in DIT_BLOCKS:
+            return cls(parts[0], int(parts[1]))
+        block, number, depth = parts
         return cls(block, int(number), int(depth))
 
 
@@ -113,6 +135,109 @@ SD2 = UNetLayout("sd2", (2, 2, 2, 2), (1, 1, 1, 0), 1)
 SDXL = UNetLayout("sdxl", (2, 2, 2), (0, 2, 10), 10)
 
 
+Host = Literal["comfyui", "diffusers"]
+TokenOrder = Literal["text_first", "image_first"]
+DIT_FAMILIES = {"sd3": "mmdit", "sd35": "mmdit", "flux": "flux"}  # family -> architecture
+TOKEN_ORDER: dict[tuple[str, str], TokenOrder] = {
+    # Where the image tokens sit in the joint sequence an attention hook sees (dit.md §0.2, §1.2-1.3).
+    ("comfyui", "mmdit"): "text_first",
+    ("comfyui", "flux"): "text_first",
+    ("diffusers", "mmdit"): "image_first",
+    ("diffusers", "flux"): "text_first",
+}
+DIT_PATCH = 2  # SD3 and Flux both turn 2x2 latent pixels into one token (Flux packs them before the model)
+
+
+def image_token_count(height: int, width: int, patch: int = DIT_PATCH) -> int:
+    """Image tokens of a latent of `height` x `width`: odd sizes are padded (ceil), as both hosts do."""
+    return math.ceil(height / patch) * math.ceil(width / patch)
+
+
+@dataclass(frozen=True)
+class DiTLayout:
+    """The attention layers of one DiT shape: `joint` MMDiT blocks (SD3/SD3.5), or `double` + `single` (Flux).
+
+    `family` is "sd3", "sd35" or "flux". Layers are listed in diffusers' `attn_processors` order
+    (joint or double blocks, then single blocks), the order `select_evenly_spaced` counts in.
+    """
+
+    family: str
+    joint: int = 0
+    double: int = 0
+    single: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in DIT_FAMILIES:
+            raise ValueError(f"DiT family must be one of {tuple(DIT_FAMILIES)}, got {self.family!r}")
+        if self.architecture == "mmdit" and (self.double or self.single):
+            raise ValueError("an SD3/SD3.5 layout has joint blocks only")
+        if self.architecture == "flux" and self.joint:
+            raise ValueError("a Flux layout has double and single blocks, not joint ones")
+
+    @property
+    def architecture(self) -> str:
+        return DIT_FAMILIES[self.family]
+
+    @property
+    def layers(self) -> tuple[LayerId, ...]:
+        return tuple(LayerId(block, i) for block, count in (("joint", self.joint), ("double", self.double),
+                                                             ("single", self.single)) for i in range(count))
+
+    def diffusers_path(self, layer: LayerId) -> str:
+        """`transformer_blocks.{i}.attn` (joint, double blocks) or `single_transformer_blocks.{i}.attn` (single)."""
+        if layer not in self.layers:
+            raise ValueError(f"{layer} is not a layer of this {self.family} model")
+        prefix = "single_transformer_blocks" if layer.block == "single" else "transformer_blocks"
+        return f"{prefix}.{layer.number}.attn"
+
+    def layer_from_diffusers_path(self, path: str) -> LayerId:
+        by_path = {self.diffusers_path(layer): layer for layer in self.layers}
+        name = path.removesuffix(".processor")
+        if name not in by_path:
+            raise KeyError(f"{path!r} is not a joint attention layer of this {self.family} model")
+        return by_path[name]
+
+    def token_order(self, host: Host) -> TokenOrder:
+        return TOKEN_ORDER[(host, self.architecture)]
+
+    def image_tokens(self, latent_shape: Sequence[int]) -> int:
+        """Image tokens of a latent `(..., height, width)` (Flux: the latent before packing)."""
+        return image_token_count(latent_shape[-2], latent_shape[-1])
+
+    def image_span(self, host: Host, sequence_tokens: int, image_tokens: int, extra_tokens: int = 0) -> tuple[int, int]:
+        """`(start, stop)` of the image tokens in a joint sequence of `sequence_tokens`.
+
+        `extra_tokens` follow the image tokens (Flux Kontext reference latents, dit.md §1.3); text is the rest.
+        """
+        if image_tokens + extra_tokens > sequence_tokens:
+            raise ValueError(f"{image_tokens} image and {extra_tokens} extra tokens "
+                             f"do not fit a sequence of {sequence_tokens}")
+        if self.token_order(host) == "image_first":
+            return (0, image_tokens)
+        start = sequence_tokens - image_tokens - extra_tokens
+        return (start, start + image_tokens)
+
+
+SD3_MEDIUM = DiTLayout("sd3", joint=24)
+SD35_MEDIUM = DiTLayout("sd35", joint=24)  # MMDiT-X: its image-only attn2 (blocks 0-12) is not a style layer
+SD35_LARGE = DiTLayout("sd35", joint=38)
+FLUX1 = DiTLayout("flux", double=19, single=38)
+
+
+class ModelLayout(Protocol):
+    """What a UNet and a DiT layout both offer: the family, the canonical layers, the diffusers names."""
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def layers(self) -> tuple[LayerId, ...]: ...
+
+    def diffusers_path(self, layer: LayerId) -> str: ...
+
+    def layer_from_diffusers_path(self, path: str) -> LayerId: ...
+
+
 def switch_vector(total: int, level: float) -> list[bool]:
     """StyleAligned's `_get_switch_vec`: True marks a layer left unshared, evenly spaced.
 
@@ -165,7 +290,7 @@ class LayerSelection:
         key = min(self.schedule, key=lambda t: (abs(t - timestep), -t))
         return self.schedule[key].get(layer, frozenset())
 
-    def check(self, layout: UNetLayout, node: str, input_name: str = "layers") -> None:
+    def check(self, layout: ModelLayout, node: str, input_name: str = "layers") -> None:
         if self.family != layout.family:
             raise InputError(node, input_name, f"the layer selection is for {self.family} but the model is {layout.family}",
                              "Build the selection from this model (LayerBalance with the same model) or remove it.")
@@ -175,28 +300,31 @@ class LayerSelection:
                              "Build the selection for this model's architecture.")
 
 
-def select_all(layout: UNetLayout) -> LayerSelection:
+def select_all(layout: ModelLayout) -> LayerSelection:
     return LayerSelection(layout.family, frozenset(layout.layers), "all")
 
 
-def select_evenly_spaced(layout: UNetLayout, only_self_level: float) -> LayerSelection:
+def select_evenly_spaced(layout: ModelLayout, only_self_level: float) -> LayerSelection:
     """The layers StyleAligned shares at `only_self_level` (the fraction left unshared)."""
     unshared = switch_vector(len(layout.layers), only_self_level)
     kept = frozenset(layer for layer, off in zip(layout.layers, unshared) if not off)
     return LayerSelection(layout.family, kept, f"only_self_level={only_self_level}")
 
 
-_BLOCK_TERM = re.compile(r"^(input|middle|output)(?:\.(\d+))?(?::(\d+)(?:-(\d+))?)?$")
+_BLOCK_TERM = re.compile(r"^(input|middle|output|joint|double|single)(?:\.(\d+))?(?::(\d+)(?:-(\d+))?)?$")
 
 
-def select_blocks(layout: UNetLayout, spec: str, node: str = "LayerSelection", input_name: str = "blocks") -> LayerSelection:
-    """Parse a block list such as `output.1, input.8:0-3, middle`; `:a-b` picks transformer depths."""
+def select_blocks(layout: ModelLayout, spec: str, node: str = "LayerSelection",
+                  input_name: str = "blocks") -> LayerSelection:
+    """Parse a block list such as `output.1, input.8:0-3, middle` (UNet; `:a-b` picks transformer depths)
+    or `joint`, `joint.3`, `double`, `single.0` (DiT)."""
     chosen: set[LayerId] = set()
     for term in filter(None, (t.strip() for t in spec.split(","))):
         match = _BLOCK_TERM.match(term)
         if not match:
             raise InputError(node, input_name, f"cannot parse {term!r}",
-                             "Write terms like 'output.1', 'input.8:0-3' or 'middle', separated by commas.")
+                             "Write terms like 'output.1', 'input.8:0-3' or 'middle' (UNet), or 'joint.3', "
+                             "'double', 'single.0' (DiT), separated by commas.")
         block, number, first, last = match.groups()
         depth_lo = int(first) if first is not None else 0
         depth_hi = int(last) if last is not None else (depth_lo if first is not None else 10**6)
@@ -212,7 +340,12 @@ def select_blocks(layout: UNetLayout, spec: str, node: str = "LayerSelection", i
     return LayerSelection(layout.family, frozenset(chosen), spec)
 
 
-def describe_blocks(layout: UNetLayout) -> str:
+def describe_blocks(layout: ModelLayout) -> str:
+    if any(layer.is_dit for layer in layout.layers):
+        counts: dict[str, int] = {}
+        for layer in layout.layers:
+            counts[layer.block] = counts.get(layer.block, 0) + 1
+        return ", ".join(f"{block}.0-{block}.{count - 1}" for block, count in counts.items())
     seen: dict[str, int] = {}
     for layer in layout.layers:
         key = f"{layer.block}.{layer.number}"

@@ -97,3 +97,76 @@ def test_selection_chart_rows_are_layers_and_colours_are_features():
     assert chart.shape == (6, 4, 3)
     assert chart[0, 0].tolist() == [1.0, 0.0, 1.0] and chart[0, 2].tolist() == [0.0, 0.0, 0.0]
     assert chart[2, 2].tolist() == [0.0, 1.0, 0.0] and chart[4, 3].tolist() == [0.5, 0.5, 0.5]
+
+
+# ---------------------------------------------------------------- DiT layouts
+
+def test_dit_layer_ids_and_diffusers_paths():
+    from multicond.core.layers import FLUX1, SD35_LARGE, DiTLayout
+
+    assert len(SD35_LARGE.layers) == 38 and SD35_LARGE.layers[0] == LayerId("joint", 0, 0)
+    assert SD35_LARGE.diffusers_path(LayerId("joint", 37)) == "transformer_blocks.37.attn"
+    assert len(FLUX1.layers) == 57 and [layer.block for layer in FLUX1.layers[18:20]] == ["double", "single"]
+    assert FLUX1.diffusers_path(LayerId("double", 3)) == "transformer_blocks.3.attn"
+    assert FLUX1.diffusers_path(LayerId("single", 0)) == "single_transformer_blocks.0.attn"
+    for layout in (SD35_LARGE, FLUX1):
+        for layer in layout.layers:
+            assert layout.layer_from_diffusers_path(layout.diffusers_path(layer) + ".processor") == layer
+    with pytest.raises(KeyError):
+        SD35_LARGE.layer_from_diffusers_path("transformer_blocks.0.attn2.processor")
+    with pytest.raises(ValueError):
+        SD35_LARGE.diffusers_path(LayerId("joint", 38))
+    with pytest.raises(ValueError):
+        DiTLayout("sd35", double=2)
+    with pytest.raises(ValueError):
+        LayerId("joint", 1, 2)
+
+
+def test_dit_layer_ids_print_and_parse():
+    layer = LayerId("single", 7)
+    assert str(layer) == "single.7" and LayerId.parse("single.7") == layer == LayerId.parse("single.7.0")
+    assert LayerId.parse("output.1.2") == LayerId("output", 1, 2)
+
+
+@pytest.mark.parametrize("host,family,expected", [
+    ("comfyui", "sd3", (10, 58)), ("comfyui", "sd35", (10, 58)), ("comfyui", "flux", (10, 58)),
+    ("diffusers", "sd3", (0, 48)), ("diffusers", "sd35", (0, 48)), ("diffusers", "flux", (10, 58)),
+])
+def test_token_order_per_host_and_image_span(host, family, expected):
+    from multicond.core.layers import DiTLayout
+
+    layout = DiTLayout(family, **({"double": 1, "single": 1} if family == "flux" else {"joint": 2}))
+    image = layout.image_tokens((2, 16, 16, 12))  # dit.md §5.1: a 16x12 latent is 48 image tokens
+    assert image == 48
+    assert layout.image_span(host, 58, image) == expected
+    assert layout.token_order(host) == ("image_first" if host == "diffusers" and family != "flux" else "text_first")
+
+
+def test_image_tokens_pad_odd_latents_and_kontext_tokens_follow_the_image():
+    from multicond.core.layers import FLUX1, image_token_count
+
+    assert image_token_count(15, 9) == 8 * 5
+    assert FLUX1.image_span("comfyui", 10 + 48 + 20, 48, extra_tokens=20) == (10, 58)
+    with pytest.raises(ValueError):
+        FLUX1.image_span("comfyui", 40, 48)
+
+
+def test_dit_block_lists_and_selections():
+    from multicond.core.layers import FLUX1, SD35_LARGE, select_all, select_blocks
+
+    assert select_blocks(SD35_LARGE, "joint").layers == frozenset(SD35_LARGE.layers)
+    assert select_blocks(SD35_LARGE, "joint.3, joint.5").layers == {LayerId("joint", 3), LayerId("joint", 5)}
+    assert select_blocks(FLUX1, "single").layers == {layer for layer in FLUX1.layers if layer.block == "single"}
+    assert select_blocks(FLUX1, "double, single.0").layers == {layer for layer in FLUX1.layers[:20]}
+    assert len(select_evenly_spaced(FLUX1, 0.25).layers) == 57 - sum(switch_vector(57, 0.25))
+    select_all(FLUX1).check(FLUX1, "SharedAttention")
+    with pytest.raises(InputError, match="names no self-attention layer.*joint.0-joint.37"):
+        select_blocks(SD35_LARGE, "joint.40")
+    with pytest.raises(InputError, match="names no self-attention layer"):
+        select_blocks(SD35_LARGE, "single")
+    with pytest.raises(InputError, match="for sd35 but the model is flux"):
+        select_all(SD35_LARGE).check(FLUX1, "SharedAttention")
+    with pytest.raises(InputError, match="joint.30 are not in this model"):
+        select_blocks(SD35_LARGE, "joint.30").check(type(SD35_LARGE)("sd35", joint=24), "SharedAttention")
+    with pytest.raises(InputError, match="for sdxl but the model is sd35"):
+        select_all(SDXL).check(SD35_LARGE, "SharedAttention")

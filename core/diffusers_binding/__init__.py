@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
                      "load_series", "load_stats", "merge_shards", "save_stats"), "analysis"),
     **dict.fromkeys(("DualContextProcessor", "DualStyleHandle", "generate_dual_style", "install_cross_attention_blend",
                      "install_epsilon_blend"), "dual_style"),
+    **dict.fromkeys(("JointStyleHandle", "JointStyleProcessor", "dit_layout", "install_style_aligned_dit"),
+                    "joint_style"),
     **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",
                      "load_checkpoint", "pin_reference"), "pipeline"),
     **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
