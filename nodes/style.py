@@ -8,6 +8,7 @@ a foreign patch on the layer is kept and delegated to.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -111,6 +112,8 @@ class StyleBatchWrapper:
     stage: Stage
     share_group_norm: bool
     zero_reference_control: bool
+    # The model's GroupNorms, found once per model object: a module walk costs about a millisecond per call.
+    group_norms: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
 
     def __call__(self, executor: Any, x: torch.Tensor, timesteps: Any, context: Any, y: Any, control: Any,
                  transformer_options: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -122,8 +125,10 @@ class StyleBatchWrapper:
         handles = []
         if self.share_group_norm and self.stage.active(current_sigma(transformer_options)):
             refs = layout.reference_of_row(x.device)
-            norms = [m for m in executor.class_obj.modules() if isinstance(m, torch.nn.GroupNorm)]
-            handles = attach_shared_norm(norms, lambda batch: refs if batch == layout.batch else None)
+            model = executor.class_obj
+            if model not in self.group_norms:
+                self.group_norms[model] = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+            handles = attach_shared_norm(self.group_norms[model], lambda batch: refs if batch == layout.batch else None)
         try:
             return executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
         finally:
