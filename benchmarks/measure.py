@@ -58,14 +58,26 @@ def peak_mib(run: Callable[[], object]) -> float:
     return meter.peak / 2**20
 
 
-def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each run, calling them in turn so drift hits all alike."""
+def alternate_rounds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call of each run, calling them in turn (one round = one call of each) so drift hits all alike;
+    each round starts one run later, so no run always follows the same one."""
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for run in runs.values():  # warm-up
         run()
-    for _ in range(repeats):
-        for name, run in runs.items():
+    for round_index in range(repeats):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
             start = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each run, calling them in turn so drift hits all alike."""
+    return {name: statistics.median(values) for name, values in alternate_rounds(runs, repeats).items()}
+
+
+def paired_cost(rounds: dict[str, list[float]], with_name: str, without_name: str, base_name: str) -> float:
+    """Median over rounds of (with - without) / base: what one setting adds, in base calls, robust to drift."""
+    return statistics.median((w - wo) / b for w, wo, b in zip(rounds[with_name], rounds[without_name], rounds[base_name]))

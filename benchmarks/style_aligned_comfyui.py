@@ -8,6 +8,8 @@ Tiny SDXL-shaped UNet (tests/comfyui/tiny.py), batch 1 reference + 3 targets wit
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +20,7 @@ import benchmarks.comfy_setup  # noqa: E402,F401 - ComfyUI first, then the pack
 
 import torch  # noqa: E402
 
-from benchmarks.measure import alternate, peak_mib  # noqa: E402
+from benchmarks.measure import alternate_rounds, paired_cost, peak_mib  # noqa: E402
 from multicond.core.balance import Grading, save_grading  # noqa: E402
 from multicond.core.inversion import ddim_timesteps  # noqa: E402
 from multicond.nodes.balance import GRADINGS, LayerBalance  # noqa: E402
@@ -48,6 +50,10 @@ def balanced_layers(model, folder: Path):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="StyleAligned nodes over vanilla in a real ComfyUI.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sizes (default: 32 64)")
+    parser.add_argument("--repeats", type=int, default=12, help="alternated rounds per size (default: 12)")
+    options = parser.parse_args()
     torch.set_num_threads(1)  # steady timings on a shared machine
     model = tiny.build("sdxl")
     with tempfile.TemporaryDirectory() as folder:
@@ -57,13 +63,16 @@ def main() -> None:
     import comfyui_version
 
     print(f"ComfyUI {comfyui_version.__version__}, tiny SDXL-shaped UNet, batch 1+3 with CFG, {STEPS} euler steps, PyTorch SDPA attention, 1 thread")
-    for size in (32, 64):
+    for size in options.sizes:
         runs = {name: (lambda m=m: tiny.sample(m, "sdxl", batch=4, size=size, steps=STEPS)) for name, m in variants.items()}
-        seconds = alternate(runs, repeats=5)
+        rounds = alternate_rounds(runs, repeats=options.repeats)
+        seconds = {name: statistics.median(values) for name, values in rounds.items()}
         memory = {name: peak_mib(run) for name, run in runs.items()}
         for name in variants:
             print(f"  {size}x{size} latent  {name:28s} {seconds[name] / STEPS * 1000:8.1f} ms/step  "
                   f"x{seconds[name] / seconds['vanilla']:.2f} time  peak tensors {memory[name]:.0f} MiB (x{memory[name] / memory['vanilla']:.2f})")
+        cost = paired_cost(rounds, "paper defaults", "without shared GroupNorm", "vanilla")
+        print(f"  {size}x{size} latent  shared GroupNorm adds {cost:+.3f}x of a vanilla step (median of paired rounds)")
 
 
 if __name__ == "__main__":

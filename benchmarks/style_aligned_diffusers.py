@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import tests.conftest  # noqa: E402,F401 - registers the pack as `multicond`
-from benchmarks.measure import alternate, peak_mib  # noqa: E402
+from benchmarks.measure import alternate, alternate_rounds, paired_cost, peak_mib  # noqa: E402
 from multicond.core.diffusers_binding import install_style_aligned, tiny_unet  # noqa: E402
 from multicond.core.style import StyleAlignedArgs  # noqa: E402
 from tests.paper_style_aligned import paper_unet  # noqa: E402
@@ -54,6 +54,18 @@ def main() -> None:
                   f"ours x{seconds['ours'] / seconds['vanilla']:.2f}, paper x{seconds['paper'] / seconds['vanilla']:.2f}, "
                   f"ours/paper x{seconds['ours'] / seconds['paper']:.2f}; peak tensors {memory['vanilla']:.0f} MiB, "
                   f"ours {memory['ours']:.0f} MiB, paper {memory['paper']:.0f} MiB")
+
+    print("shared GroupNorm's own cost: ours with and without it, alternated in one group (median of paired rounds)")
+    for size in (32, 64):
+        models = {"vanilla": tiny_unet("sdxl"), "with": tiny_unet("sdxl"), "without": tiny_unet("sdxl")}
+        install_style_aligned(models["with"], StyleAlignedArgs())
+        install_style_aligned(models["without"], StyleAlignedArgs(share_group_norm=False))
+        latents, kwargs = inputs(models["vanilla"], size)
+        with torch.no_grad():
+            rounds = alternate_rounds({name: (lambda u=u: u(latents, 500, **kwargs)) for name, u in models.items()},
+                                      repeats=15)
+        print(f"  {size}x{size}: shared GroupNorm adds {paired_cost(rounds, 'with', 'without', 'vanilla'):+.3f}x of a "
+              "vanilla step")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ same numbers as the original's `(batch, heads, tokens, head_dim)`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -231,11 +232,11 @@ def joint_group_norm(x: torch.Tensor, reference_of_row: torch.Tensor, norm: torc
     # Statistics in at least float32, as torch's GroupNorm keeps them for half-precision inputs.
     features = x.to(torch.promote_types(x.dtype, torch.float32))
     # The GroupNorm kernel: each row's own normalisation and statistics in one pass, several times faster than var_mean.
-    normalized, mean, rstd = torch.native_group_norm(features, None, None, batch, channels, x[0, 0].numel(), groups,
-                                                     norm.eps)
+    normalized, mean, rstd = torch.native_group_norm(features, None, None, batch, channels, math.prod(x.shape[2:]),
+                                                     groups, norm.eps)
     own_var_eps = rstd.pow(-2)  # var + eps
     half_mean_gap = (mean - mean[reference_of_row]) / 2  # also mean - joint mean
-    joint_var_eps = (own_var_eps + own_var_eps[reference_of_row]) / 2 + half_mean_gap.square()
+    joint_var_eps = torch.addcmul((own_var_eps + own_var_eps[reference_of_row]) / 2, half_mean_gap, half_mean_gap)
     joint_rstd = joint_var_eps.rsqrt()
     per_row_channel = (batch, channels) + (1,) * (x.ndim - 2)
     if not (torch.is_grad_enabled() and x.requires_grad):
@@ -263,11 +264,11 @@ def _per_channel_affine(scale: torch.Tensor, shift: torch.Tensor, norm: torch.nn
 
 
 def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
-                       reference_of_row: Callable[[int], torch.Tensor | None]) -> list[RemovableHandle]:
+                       reference_of_row: Callable[[int, torch.device], torch.Tensor | None]) -> list[RemovableHandle]:
     """Make each GroupNorm in `norms` share statistics with the reference (`joint_group_norm`) through hooks.
 
-    `reference_of_row(batch)` gives the reference row of every row for the batch at hand, or None
-    to leave that call plain. The pre-hook hands the module an empty batch, so its own normalisation
+    `reference_of_row(batch, device)` gives the reference row of every row for the batch at hand, on its
+    device, or None to leave that call plain. The pre-hook hands the module an empty batch, so its own normalisation
     costs nothing, and the forward hook returns the joint one: shared GroupNorm costs what GroupNorm
     costs. Hooks replace no module and no `forward`; removing the returned handles restores the
     modules exactly.
@@ -275,7 +276,7 @@ def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module id -> (input, reference rows) of the call in flight
 
     def skip_own(module: torch.nn.GroupNorm, args: tuple) -> tuple | None:
-        refs = reference_of_row(args[0].shape[0])
+        refs = reference_of_row(args[0].shape[0], args[0].device)
         if refs is None:
             return None
         held[id(module)] = (args[0], refs)
@@ -286,7 +287,7 @@ def attach_shared_norm(norms: Iterable[torch.nn.GroupNorm],
         if call is None:
             return None
         x, refs = call
-        return joint_group_norm(x, refs.to(x.device), module)
+        return joint_group_norm(x, refs, module)
 
     return [handle for norm in norms
             for handle in (norm.register_forward_pre_hook(skip_own), norm.register_forward_hook(share_statistics))]

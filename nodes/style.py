@@ -128,7 +128,8 @@ class StyleBatchWrapper:
             model = executor.class_obj
             if model not in self.group_norms:
                 self.group_norms[model] = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-            handles = attach_shared_norm(self.group_norms[model], lambda batch: refs if batch == layout.batch else None)
+            handles = attach_shared_norm(self.group_norms[model],
+                                         lambda batch, device: refs if batch == layout.batch else None)
         try:
             return executor(x, timesteps, context, y, control, transformer_options, *args, **kwargs)
         finally:

@@ -157,7 +157,7 @@ def test_shared_group_norm_equals_group_norm_over_concatenation():
     refs = layout.reference_of_row()
     expected = torch.stack([norm(torch.cat([x[i:i + 1], x[refs[i]:refs[i] + 1]], dim=-2))[0, :, :6] for i in range(4)])
     torch.testing.assert_close(shared_norm(x, refs, norm), expected)
-    handles = attach_shared_norm([norm], lambda batch: refs if batch == 4 else None)
+    handles = attach_shared_norm([norm], lambda batch, device: refs if batch == 4 else None)
     torch.testing.assert_close(norm(x), expected)
     torch.testing.assert_close(norm(x[:1]), torch.nn.GroupNorm.forward(norm, x[:1]))  # another batch: plain
     for handle in handles:

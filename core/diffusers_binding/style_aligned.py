@@ -136,12 +136,16 @@ class StyleAlignedHandle(UNetHandle):
     layers: list[str] = field(default_factory=list)
 
 
-def _reference_rows(chunks: int, reference_index: int) -> Callable[[int], torch.Tensor | None]:
-    def reference_of_row(batch: int) -> torch.Tensor | None:
+def _reference_rows(chunks: int, reference_index: int) -> Callable[[int, torch.device], torch.Tensor | None]:
+    known: dict[tuple[int, torch.device], torch.Tensor] = {}  # every GroupNorm of a UNet call asks for the same rows
+
+    def reference_of_row(batch: int, device: torch.device) -> torch.Tensor | None:
         # A batch that is not made of `chunks` chunks is left plain (it is no StyleAligned batch).
         if batch % chunks or batch // chunks <= reference_index:
             return None
-        return chunk_layout(chunks, batch, reference_index).reference_of_row()
+        if (batch, device) not in known:
+            known[batch, device] = chunk_layout(chunks, batch, reference_index).reference_of_row(device)
+        return known[batch, device]
 
     return reference_of_row
 
