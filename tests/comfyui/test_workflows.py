@@ -314,6 +314,15 @@ def test_the_masked_adapter_help_page_is_served(server: Server) -> None:
     assert "effect mask" in page and "not an inpainting mask" in page
 
 
+def test_the_frontend_loads_the_layer_balance_extension(server: Server) -> None:
+    """ComfyUI lists the pack's scripts for the frontend to import, and serves them with the module they import."""
+    with _OPENER.open(f"{server.url}/extensions", timeout=HTTP_TIMEOUT_S) as response:
+        scripts = json.loads(response.read().decode())
+    assert "/extensions/multicond/js/layer_balance.js" in scripts
+    with _OPENER.open(f"{server.url}/extensions/multicond/js/layer_balance_inputs.js", timeout=HTTP_TIMEOUT_S) as response:
+        assert "export function unusedInputs" in response.read().decode()
+
+
 def test_multicond_nodes_are_listed_with_tooltips(object_info: dict) -> None:
     for node in MULTICOND_NODES:
         assert node in object_info, f"{node} missing from /object_info"
