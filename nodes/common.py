@@ -6,14 +6,16 @@ import math
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
 import comfy.supported_models as supported
 import torch
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
 from ..core.chunks import ChunkLayout, chunk_layout
 from ..core.errors import InputError
-from ..core.layers import LayerId, LayerSelection, UNetLayout, layout_from_layers
+from ..core.layers import DiTLayout, LayerId, LayerSelection, UNetLayout, layout_from_layers
 
 CATEGORY = "MultiCond"
 LAYERS_TYPE = "MULTICOND_LAYERS"
@@ -66,18 +68,42 @@ def checked_label(node: type[io.ComfyNode], values: dict[str, Any]) -> str:
 _FAMILIES: tuple[tuple[type, str], ...] = ((supported.SDXL, "sdxl"), (supported.SD20, "sd2"), (supported.SD15, "sd1"))
 
 
-def model_layout(model: Any, node: str) -> UNetLayout:
-    """The self-attention layers of a MODEL, or an error naming its family."""
+def model_layout(model: Any, node: str, dit: bool = False) -> UNetLayout | DiTLayout:
+    """The self-attention layers of a MODEL, or an error naming its family.
+
+    UNets always; SD3/SD3.5 (joint attention layers) only for a node that asks with `dit`, so a node
+    written for UNets keeps refusing them by name.
+    """
+    if dit:
+        joint = dit_layout(model, node)
+        if joint is not None:
+            return joint
+    supported_models = "an SD1.x, SD2.x, SDXL or SD3/SD3.5" if dit else "an SD1.x, SD2.x or SDXL"
     config = model.model.model_config
     family = next((name for cls, name in _FAMILIES if isinstance(config, cls)), None)
     unet = model.get_model_object("diffusion_model")
     if family is None or not isinstance(unet, UNetModel):
         raise InputError(node, "model", f"model family {type(config).__name__} is not supported",
-                         "Use an SD1.x, SD2.x or SDXL checkpoint.")
+                         f"Use {supported_models} checkpoint.")
     try:
         return layout_from_layers(family, enumerate_layers(unet), unet.num_res_blocks)
     except ValueError as error:
-        raise InputError(node, "model", f"{type(config).__name__}: {error}", "Use an SD1.x, SD2.x or SDXL checkpoint.") from error
+        raise InputError(node, "model", f"{type(config).__name__}: {error}",
+                         f"Use {supported_models} checkpoint.") from error
+
+
+def dit_layout(model: Any, node: str) -> DiTLayout | None:
+    """An SD3/SD3.5 model's joint attention layers; None for a model that is no DiT; an error for Flux."""
+    base = model.model
+    if isinstance(base, comfy.model_base.Flux):  # Chroma and Flux2 derive from it too (dit.md §2.7)
+        raise InputError(node, "model", f"{type(base).__name__} models are not supported yet (Flux support is coming)",
+                         "Use an SD1.x, SD2.x, SDXL or SD3/SD3.5 checkpoint.")
+    diffusion_model = model.get_model_object("diffusion_model")
+    if not isinstance(base, comfy.model_base.SD3) or not isinstance(diffusion_model, MMDiT):
+        return None
+    # ComfyUI marks SD3.5 (Medium and Large) by its RMS qk-norm; SD3-medium has none (dit.md §2.7).
+    family = "sd35" if base.model_config.unet_config.get("qk_norm") == "rms" else "sd3"
+    return DiTLayout(family, joint=len(diffusion_model.joint_blocks))
 
 
 def enumerate_layers(unet: UNetModel) -> list[LayerId]:
@@ -142,23 +168,38 @@ PACK = __name__.split(".")[0]  # the pack's top package, whatever its folder is 
 WRAPPER_PREFIX = "multicond."  # every wrapper key of the pack starts with it
 
 
+OVERRIDE = "optimized_attention_override"  # ComfyUI's one attention-override slot in transformer_options (dit.md §2.1)
+
+
 def is_pack_patch(patch: Any) -> bool:
     return type(patch).__module__.split(".")[0] == PACK
+
+
+def first_foreign(patch: Any) -> Any:
+    """What a patch of the pack replaced (every one delegates to its `inner`), down to a foreign patch or None."""
+    while patch is not None and is_pack_patch(patch):
+        patch = patch.inner
+    return patch
 
 
 def without_pack_patches(model: Any) -> Any:
     """A clone of `model` with none of this pack's patches and wrappers; other nodes' patches stay."""
     plain = model.clone()
-    replaces = plain.model_options.get("transformer_options", {}).get("patches_replace", {})
-    for kind in ("attn1", "attn2"):
+    options = plain.model_options.get("transformer_options", {})
+    replaces = options.get("patches_replace", {})
+    for kind in ("attn1", "attn2", "dit"):
         slots = replaces.get(kind, {})
         for key, patch in list(slots.items()):
-            while patch is not None and is_pack_patch(patch):
-                patch = patch.inner  # every attention patch of the pack delegates to what it replaced
+            patch = first_foreign(patch)
             if patch is None:
                 del slots[key]
             else:
                 slots[key] = patch
+    override = first_foreign(options.get(OVERRIDE))
+    if override is None:
+        options.pop(OVERRIDE, None)
+    else:
+        options[OVERRIDE] = override
     for kind, wrappers in list(plain.wrappers.items()):
         for key in [key for key in wrappers if isinstance(key, str) and key.startswith(WRAPPER_PREFIX)]:
             plain.remove_wrappers_with_key(kind, key)

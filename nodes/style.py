@@ -1,8 +1,16 @@
 """SharedAttention and AdaINStyle: StyleAligned as two composable MODEL patches.
 
-Both install one `StylePatch` per selected self-attention layer (ComfyUI's attn1 replace slot,
+UNets: both install one `StylePatch` per selected self-attention layer (ComfyUI's attn1 replace slot,
 which sees projected q, k, v). A second node on the same layer extends the patch already there;
 a foreign patch on the layer is kept and delegated to.
+
+SD3/SD3.5: one `JointStylePatch` in `transformer_options["optimized_attention_override"]` sees the
+projected (post-qk-norm) q, k, v of every joint attention (dit.md §2.1), and a `JointBlockStamp` on
+each joint block (`patches_replace["dit"]`) tells it which block runs and how many text and image
+tokens it holds (dit.md §2.2). The stamp was chosen over a per-call counter: the block's own
+`txt`/`img` give the image span exactly, it stays right when a block is recomputed (gradient
+checkpointing) or skipped (Skip Layer Guidance), and SD3's forward runs no DIFFUSION_MODEL wrapper
+that could reset a counter. An override or dit patch already there is kept and called.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from ..core.layers import STYLE_FEATURES, LayerId, LayerSelection, select_all
+from ..core.joint_style import joint_features, joint_style_attention
+from ..core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, select_all
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
-from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, batch_layout, checked_label, current_sigma, existing_replace,
-                     model_layout, plain_attention, search_aliases, sigma_range, sigma_timestep)
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, batch_layout, checked_label, current_sigma,
+                     existing_replace, model_layout, plain_attention, search_aliases, sigma_range, sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
 BATCH_WRAPPER_KEY = "multicond.style_batch"
+BLOCK_TOKENS = "multicond_joint_block"  # set by JointBlockStamp in a copy of transformer_options
 
 LayerSelectionInput = io.Custom(LAYERS_TYPE)
 
@@ -41,6 +51,7 @@ class Stage:
     reference_index: int
     selection: LayerSelection | None = None
     log_sigmas: torch.Tensor | None = field(default=None, compare=False)  # the model's, for per-timestep selections
+    flow: bool = False  # a DiT: per-timestep selections are keyed by 1000·σ (DESIGN.md, model families)
 
     def active(self, sigma: float) -> bool:
         return self.sigma_low <= sigma <= self.sigma_high
@@ -51,7 +62,35 @@ class Stage:
             return STYLE_FEATURES
         if not self.selection.per_timestep:
             return self.selection.features(layer)
-        return self.selection.features(layer, sigma_timestep(self.log_sigmas, sigma))
+        timestep = 1000.0 * sigma if self.flow else sigma_timestep(self.log_sigmas, sigma)
+        return self.selection.features(layer, timestep)
+
+    def adain_at(self, layer: LayerId, sigma: float, joint: bool = False) -> AdaINSettings | None:
+        """This AdaIN stage's settings on `layer` now, or None; `joint` applies CB35's DiT rule to the selection."""
+        if not self.active(sigma):
+            return None
+        graded_values = self.selection is not None and self.selection.graded_values
+        return allowed_adain(self.settings, self._allowed(layer, sigma, joint), graded_values)
+
+    def share_at(self, layer: LayerId, sigma: float, joint: bool = False) -> ShareSettings | None:
+        """This sharing stage's settings on `layer` now, or None."""
+        if not self.active(sigma):
+            return None
+        return allowed_share(self.settings, self._allowed(layer, sigma, joint))
+
+    def _allowed(self, layer: LayerId, sigma: float, joint: bool) -> frozenset[str]:
+        features = self.features(layer, sigma)
+        return joint_features(features) if joint else features
+
+
+def with_stage(patch: Any, kind: str, stage: Stage) -> Any:
+    """`patch` (a StylePatch or JointStylePatch) with `stage` as its `kind` ("adain"/"share") part."""
+    other = patch.share if kind == "adain" else patch.adain
+    if other is not None and other.reference_index != stage.reference_index:
+        raise InputError(stage.node, "reference_index",
+                         f"{other.node} on this model uses reference_index {other.reference_index}",
+                         "Give both nodes the same reference_index.")
+    return replace(patch, **{kind: stage})
 
 
 @dataclass(frozen=True)
@@ -64,12 +103,7 @@ class StylePatch:
     inner: Any = None
 
     def with_stage(self, kind: str, stage: Stage) -> StylePatch:
-        other = self.share if kind == "adain" else self.adain
-        if other is not None and other.reference_index != stage.reference_index:
-            raise InputError(stage.node, "reference_index",
-                             f"{other.node} on this model uses reference_index {other.reference_index}",
-                             "Give both nodes the same reference_index.")
-        return replace(self, **{kind: stage})
+        return with_stage(self, kind, stage)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         sigma = current_sigma(extra_options)
@@ -91,15 +125,10 @@ class StylePatch:
         return style_attention(q, k, v, heads, layout, adain_settings, share_settings, delegated, full_batch=True)
 
     def _adain_at(self, sigma: float) -> AdaINSettings | None:
-        if self.adain is None or not self.adain.active(sigma):
-            return None
-        graded_values = self.adain.selection is not None and self.adain.selection.graded_values
-        return allowed_adain(self.adain.settings, self.adain.features(self.layer, sigma), graded_values)
+        return None if self.adain is None else self.adain.adain_at(self.layer, sigma)
 
     def _share_at(self, sigma: float) -> ShareSettings | None:
-        if self.share is None or not self.share.active(sigma):
-            return None
-        return allowed_share(self.share.settings, self.share.features(self.layer, sigma))
+        return None if self.share is None else self.share.share_at(self.layer, sigma)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         return plain_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
@@ -137,10 +166,117 @@ class StyleBatchWrapper:
                 handle.remove()
 
 
+@dataclass(frozen=True)
+class BlockTokens:
+    """What a JointBlockStamp tells the override: the running joint block and its token counts."""
+
+    index: int
+    text: int
+    image: int
+
+
+@dataclass(frozen=True)
+class JointBlockStamp:
+    """`patches_replace["dit"]` patch of one SD3 joint block: runs it with its BlockTokens in transformer_options.
+
+    The stamp goes into a copy: one transformer_options dict flows through every block (dit.md §2.2).
+    """
+
+    index: int
+    inner: Any = None  # a dit patch that was on this block before; it runs the block
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        text = 0 if args.get("txt") is None else args["txt"].shape[1]
+        options = {**args["transformer_options"], BLOCK_TOKENS: BlockTokens(self.index, text, args["img"].shape[1])}
+        stamped = {**args, "transformer_options": options}
+        return self.inner(stamped, extra) if self.inner is not None else extra["original_block"](stamped)
+
+
+@dataclass(frozen=True)
+class JointStylePatch:
+    """`optimized_attention_override` for SD3/SD3.5: StyleAligned on the joint attention of the selected blocks.
+
+    Sees q/k `[B, L, H·D]` and v `[B, L, H, D]` after qk-norm, text tokens first (dit.md §1.2); returns
+    `[B, L, H·D]`. Every other call (the SD3.5-M image-only attn2, blocks or steps outside the stages)
+    goes to the override that was there before, else to ComfyUI's own kernel. A patched call runs
+    core's math with PyTorch attention, so an earlier override does not see it.
+    """
+
+    layout: DiTLayout
+    adain: Stage | None = None
+    share: Stage | None = None
+    inner: Any = None
+
+    def with_stage(self, kind: str, stage: Stage) -> JointStylePatch:
+        return with_stage(self, kind, stage)
+
+    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        block: BlockTokens | None = options.get(BLOCK_TOKENS)
+        q, k, v = args[:3]
+        # The joint call holds text + image tokens; attn2 holds the image tokens only (dit.md §2.4). Without text
+        # the two cannot be told apart, and the block stays plain.
+        if block is None or block.text == 0 or q.ndim != 3 or q.shape[1] != block.text + block.image:
+            return self._plain(func, *args, **kwargs)
+        layer, sigma = LayerId("joint", block.index), current_sigma(options)
+        adain = None if self.adain is None else self.adain.adain_at(layer, sigma, joint=True)
+        share = None if self.share is None else self.share.share_at(layer, sigma, joint=True)
+        if adain is None and share is None:
+            return self._plain(func, *args, **kwargs)
+        stage = self.share or self.adain
+        rows = batch_layout(options["cond_or_uncond"], q.shape[0], stage.reference_index, stage.node)
+        heads = kwargs["heads"] if "heads" in kwargs else args[3]
+        image = self.layout.image_span("comfyui", q.shape[1], block.image)
+        flat_v = v.reshape(q.shape)  # SD3 hands v as [B, L, H, D] (dit.md §1.2)
+        # The reference renders as if alone (AlignedGen's constrain_first); CB35 lets it see its own keys twice.
+        return joint_style_attention(q, k, flat_v, heads, image, rows, adain, share, isolate_reference=True).to(q.dtype)
+
+    def _plain(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class JointControlWrapper:
+    """APPLY_MODEL wrapper for a DiT: the reference rows get no ControlNet residuals.
+
+    SD3's forward runs no DIFFUSION_MODEL wrapper, so StyleBatchWrapper would never see its control.
+    Conditional Balance's lambda_t is not applied: CB35 does not support ControlNets (dit.md §4.1.3).
+    """
+
+    reference_index: int
+    node: str
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
+                 transformer_options: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if control:
+            rows = batch_layout(transformer_options["cond_or_uncond"], x.shape[0], self.reference_index, self.node)
+            control = zero_reference_control(control, rows)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, *args, **kwargs)
+
+
+def install_joint_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, selection: LayerSelection) -> Any:
+    """A clone of an SD3/SD3.5 `model` with `stage` on the selected joint layers: the override and a stamp per block."""
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    current = options.get(OVERRIDE)
+    patch = current if isinstance(current, JointStylePatch) else JointStylePatch(layout, inner=current)
+    options[OVERRIDE] = patch.with_stage(kind, replace(stage, selection=selection, flow=True))
+    slots = options.get("patches_replace", {}).get("dit", {})
+    for layer in layout.layers:
+        current_block = slots.get(("double_block", layer.number))  # SD3's joint blocks use Flux's double_block key
+        if not isinstance(current_block, JointBlockStamp):
+            patched.set_model_patch_replace(JointBlockStamp(layer.number, current_block), "dit", "double_block",
+                                            layer.number)
+    return patched
+
+
 def install_stage(model: Any, kind: str, stage: Stage, layers: LayerSelection | None) -> Any:
-    """A clone of `model` with `stage` on every selected self-attention layer."""
-    layout = model_layout(model, stage.node)
+    """A clone of `model` with `stage` on every selected self-attention (UNet) or joint attention (SD3) layer."""
+    layout = model_layout(model, stage.node, dit=True)
     selection = layers if layers is not None else select_all(layout)
+    if isinstance(layout, DiTLayout):
+        selection.check(layout, stage.node)
+        return install_joint_stage(model, kind, stage, layout, selection)
     selection.check(layout, stage.node)
     if selection.per_timestep:
         stage = replace(stage, selection=selection, log_sigmas=model.get_model_object("model_sampling").log_sigmas.float().cpu())
@@ -154,6 +290,18 @@ def install_stage(model: Any, kind: str, stage: Stage, layers: LayerSelection | 
         patch = current if isinstance(current, StylePatch) else StylePatch(layer, inner=current)
         patched.set_model_attn1_replace(patch.with_stage(kind, stage), *layer.comfy_key)
     return patched
+
+
+def check_joint_share(label: str, share_attention: bool, full_attention_share: bool, group_norm: bool) -> None:
+    """Shared Attention's inputs on SD3: what has no joint-attention form is said, never silently dropped."""
+    if group_norm:
+        logging.warning("%s: no GroupNorm in SD3: share_group_norm has no effect (turn it off to silence this)", label)
+    if full_attention_share:
+        raise InputError(label, "full_attention_share", "SD3's joint attention has no full-batch form",
+                         "Turn it off: share_attention shares the reference's image keys and values.")
+    if not share_attention:
+        raise InputError(label, "share_attention", "it is off, and nothing else of this node acts on SD3: "
+                         "the node would change nothing", "Turn it on, or bypass the node.")
 
 
 def _range_inputs() -> list:
@@ -183,9 +331,10 @@ class SharedAttention(io.ComfyNode):
             category=f"{CATEGORY}/style",
             description="Style transfer across a batch, StyleAligned (Hertz et al. 2023): every image of the latent "
                         "batch also attends to the reference image's keys and values in self-attention, so the batch "
-                        "shares one style. Add AdaIN Style for the paper's full method.",
+                        "shares one style. Add AdaIN Style for the paper's full method. On SD3/SD3.5 it acts in "
+                        "joint attention on image tokens only, and the reference renders as if alone.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model."),
                 io.Boolean.Input("share_attention", default=True,
                                  tooltip="Append the reference's keys and values to every image's self-attention."),
                 io.Float.Input("score_scale", default=1.0, min=0.0, max=4.0, step=0.01,
@@ -199,7 +348,8 @@ class SharedAttention(io.ComfyNode):
                 io.Boolean.Input("share_group_norm", default=True,
                                  tooltip="GroupNorm statistics include the reference's features (paper default; "
                                          "its SDXL demo turns it off). With a Layer Balance selection, its group_norm "
-                                         "input decides (from a grading: off, as Conditional Balance)."),
+                                         "input decides (from a grading: off, as Conditional Balance). SD3 has no "
+                                         "GroupNorm: there it does nothing (a warning says so)."),
                 io.Boolean.Input("zero_reference_control", default=True,
                                  tooltip="With a ControlNet or T2I-Adapter, the reference image gets no control "
                                          "(as the paper's ControlNet variant)."),
@@ -217,12 +367,21 @@ class SharedAttention(io.ComfyNode):
         if not (share_attention or full_attention_share or share_group_norm):
             raise InputError(label, "share_attention", "share_attention, full_attention_share and share_group_norm "
                              "are all off: the node would change nothing", "Turn one on, or bypass the node.")
+        layout = model_layout(model, label, dit=True)
         high, low = sigma_range(model, start_percent, end_percent, SHARED_ATTENTION)
         settings = ShareSettings(score_scale, score_shift, full_attention_share)
         stage = Stage(label, settings, high, low, reference_index)
+        group_norm = share_group_norm if layers is None else layers.shares_group_norm(share_group_norm)
+        if isinstance(layout, DiTLayout):
+            check_joint_share(label, share_attention, full_attention_share, group_norm)
+            patched = install_stage(model, "share", stage, layers)
+            patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, BATCH_WRAPPER_KEY)
+            if zero_reference_control:
+                patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, BATCH_WRAPPER_KEY,
+                                             JointControlWrapper(reference_index, label))
+            return io.NodeOutput(patched)
         patched = install_stage(model, "share", stage, layers) if share_attention or full_attention_share else model.clone()
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY)
-        group_norm = share_group_norm if layers is None else layers.shares_group_norm(share_group_norm)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, BATCH_WRAPPER_KEY,
                                      StyleBatchWrapper(replace(stage, selection=layers), group_norm, zero_reference_control))
         return io.NodeOutput(patched)
@@ -241,7 +400,7 @@ class AdaINStyle(io.ComfyNode):
                         "per-channel token mean and std of the reference image's. Composes with Shared Attention in "
                         "either order.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model."),
                 io.Boolean.Input("queries", default=True, tooltip="AdaIN on the queries (paper: on)."),
                 io.Boolean.Input("keys", default=True, tooltip="AdaIN on the keys (paper: on)."),
                 io.Boolean.Input("values", default=False, tooltip="AdaIN on the values (paper: off). With a Layer Balance "
@@ -257,6 +416,7 @@ class AdaINStyle(io.ComfyNode):
     def execute(cls, model: Any, queries: bool, keys: bool, values: bool, strength: float, reference_index: int,
                 start_percent: float, end_percent: float, layers: LayerSelection | None = None) -> io.NodeOutput:
         label = checked_label(cls, locals())
+        model_layout(model, label, dit=True)  # an unsupported family is named even when the node does nothing
         high, low = sigma_range(model, start_percent, end_percent, ADAIN_STYLE)
         settings = AdaINSettings(queries, keys, values, strength)
         if not settings.any:

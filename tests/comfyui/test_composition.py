@@ -264,3 +264,39 @@ def test_style_reference_needs_a_style_node_with_its_reference_index(setup):
     assert_effect(sample(setup, State(same_row, setup.positive, setup.negative)),
                   sample(setup, State(call(AdaINStyle, model=setup.model, reference_index=1)[0], setup.positive,
                                       setup.negative)), "StyleReference with AdaIN Style")
+
+
+# --- SD3/SD3.5: the style nodes with each other and with ModelSamplingSD3, in any order -----------
+
+
+def test_sd3_style_nodes_and_model_sampling_sd3_in_any_order():
+    """ModelSamplingSD3 clones the model and swaps its sampling object: before, between or after the style nodes,
+    the graph samples the same; each node keeps its effect, and the loaded model stays unpatched."""
+    pytest.importorskip("diffusers", reason="the tiny SD3 models come from diffusers: scripts/host_venv.sh installs it")
+    from . import tiny_dit
+
+    def shift(model: Any) -> Any:
+        return call(model_advanced.ModelSamplingSD3, model=model, shift=6.0)[0]  # the tiny model's own shift is 3
+
+    def shared(model: Any) -> Any:
+        return call(SharedAttention, model=model)[0]
+
+    def adain(model: Any) -> Any:
+        return call(AdaINStyle, model=model)[0]
+
+    def run(*steps: Callable[[Any], Any]) -> torch.Tensor:
+        model = base
+        for step in steps:
+            model = step(model)
+        return tiny_dit.sample(model)
+
+    base = tiny_dit.build("sd35m")
+    plain_before = run()
+    first = run(shift, shared, adain)
+    for order in [(shared, shift, adain), (adain, shared, shift), (shared, adain, shift)]:
+        assert torch.equal(run(*order), first), [step.__name__ for step in order]
+    assert_effect(first, run(shift, shared), "AdaINStyle after SharedAttention on SD3")
+    assert_effect(first, run(shift, adain), "SharedAttention beside AdaINStyle on SD3")
+    assert_effect(first, run(shared, adain), "ModelSamplingSD3 after the style nodes")
+    assert torch.equal(run(), plain_before)
+    assert not base.model_options["transformer_options"] and not base.wrappers and not base.object_patches
