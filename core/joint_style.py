@@ -56,7 +56,8 @@ def joint_adain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: ImageS
 
 
 def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, image: ImageSpan,
-                           layout: ChunkLayout, share: ShareSettings, isolate_reference: bool = True) -> torch.Tensor:
+                           layout: ChunkLayout, share: ShareSettings, isolate_reference: bool = True,
+                           reference_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Joint attention where each row also attends to its reference's image keys/values.
 
     Each extended row gets its own `tokens + image_tokens` keys: memory grows by the appended reference
@@ -64,11 +65,19 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     (AlignedGen's `constrain_first`), so a reference renders exactly as it would alone; without it they
     also attend to their own image keys a second time (CB35, the UNet original), which in joint attention
     lowers the weight of their text keys (dit.md §4.1.2).
+
+    `reference_keys` `(batch, image_tokens, heads*head_dim)`, when given, are the image keys the appended
+    copies use instead of `k`'s (only the reference rows are read): Flux re-rotates them at shifted
+    positions (AlignedGen, dit.md §4.1.4) while a row's own keys keep theirs.
     """
     if share.full_attention:
         raise ValueError("full_attention_share has no joint-attention form; share the reference's keys instead")
     start, stop = image
     tokens, image_tokens = q.shape[1], stop - start
+    expected = (q.shape[0], image_tokens, k.shape[-1])
+    if reference_keys is not None and tuple(reference_keys.shape) != expected:
+        raise ValueError(f"reference_keys must be (batch, image tokens, width) = {expected}, "
+                         f"got {tuple(reference_keys.shape)}")
     extended = layout.target_rows if isolate_reference else list(range(layout.batch))
     if not extended:
         return sdpa_attention(q, k, v, heads)
@@ -78,7 +87,8 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         out[plain] = sdpa_attention(q[plain], k[plain], v[plain], heads)
     rows = torch.tensor(extended, device=q.device)
     refs = layout.reference_of_row(q.device)[rows]
-    ref_k, ref_v = k[refs, start:stop], v[refs, start:stop]
+    ref_k = k[refs, start:stop] if reference_keys is None else reference_keys[refs]
+    ref_v = v[refs, start:stop]
     if share.score_scale != 1.0:
         # The original scales every appended copy but a reference's own (`expand_first`; CB35 likewise).
         scale = torch.where(refs == rows, 1.0, share.score_scale).to(k.dtype).view(-1, 1, 1)

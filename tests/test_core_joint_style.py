@@ -10,7 +10,7 @@ import torch
 from multicond.core.attention import sdpa_attention
 from multicond.core.chunks import chunk_layout
 from multicond.core.joint_style import (adain_image_tokens, joint_adain, joint_features, joint_style_attention,
-                                        shares_on_joint_layer)
+                                        shared_joint_attention, shares_on_joint_layer)
 from multicond.core.style import AdaINSettings, ShareSettings, token_mean_std
 
 from .conftest import assert_close_scaled
@@ -199,3 +199,39 @@ def test_a_graded_dit_layer_shares_only_when_both_q_and_k_are_chosen(allowed, sh
     assert shares_on_joint_layer(frozenset(allowed)) is shares
     assert ("share" in joint_features(frozenset(allowed))) is shares
     assert joint_features(frozenset(allowed)) - {"share"} == frozenset(allowed) - {"share"}
+
+
+# ---------------------------------------------------------------- separately positioned reference keys (Flux)
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_reference_keys_replace_only_the_appended_copies(isolate):
+    """Flux re-rotates the appended keys (AlignedGen's shifted positions); each row's own keys stay as given."""
+    q, k, v = qkv(6, seed=8)
+    layout = chunk_layout(2, 6, reference_index=1)
+    start, stop = TEXT_FIRST
+    moved = torch.randn(6, IMAGE, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out = shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, ShareSettings(1.1, 0.2), isolate, moved)
+    refs = layout.reference_of_row().tolist()
+    bias = torch.cat([torch.zeros(TEXT + IMAGE), torch.full((IMAGE,), 0.2)]).double()
+    for row, ref in enumerate(refs):
+        if isolate and row == ref:
+            expected = explicit_row(q[row], k[row], v[row])
+        else:
+            appended = moved[ref] * (1.0 if row == ref else 1.1)
+            expected = explicit_row(q[row], torch.cat([k[row], appended]), torch.cat([v[row], v[ref, start:stop]]),
+                                    bias)
+        torch.testing.assert_close(out[row], expected)
+
+
+def test_reference_keys_equal_to_the_image_keys_change_nothing():
+    q, k, v = qkv(4, seed=10, dtype=torch.float32)
+    layout = chunk_layout(2, 4)
+    share = ShareSettings(0.9, 0.1)
+    same = shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, share, True, k[:, TEXT:].clone())
+    assert torch.equal(same, shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, share, True))
+
+
+def test_reference_keys_of_the_wrong_shape_are_refused():
+    q, k, v = qkv(4, seed=11)
+    with pytest.raises(ValueError, match="reference_keys"):
+        shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, chunk_layout(2, 4), ShareSettings(), True, k)

@@ -5,7 +5,8 @@ DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_re
 `generate`), dual-style blending of two prompts in one image (`install_epsilon_blend`,
 `install_cross_attention_blend`, `generate_dual_style`), InfSplign spatial guidance
 (`generate_spatial`, `install_spatial_maps`, `object_tokens`), the Conditional Balance analysis that
-grades layers from an image series (`analyze_shard`, `merge_shards`, `grade_series`), tiny
+grades layers from an image series (`analyze_shard`, `merge_shards`, `grade_series`), StyleAligned
+on SD3/SD3.5 and Flux transformers (`install_style_aligned_dit`, `install_style_aligned_flux`), tiny
 random pipelines for tests and demos (`tiny_pipeline`), offline checkpoint loading (`load_checkpoint`)
 and the command line (`cli.main`, run as `python -m multicond`).
 
@@ -26,6 +27,8 @@ _EXPORTS: dict[str, str] = {
                      "install_epsilon_blend"), "dual_style"),
     **dict.fromkeys(("JointStyleHandle", "JointStyleProcessor", "dit_layout", "install_style_aligned_dit"),
                     "joint_style"),
+    **dict.fromkeys(("ALIGNEDGEN_STYLE", "FluxCall", "FluxPositions", "FluxStyleProcessor", "flux_layout",
+                     "install_style_aligned_flux"), "joint_style_flux"),
     **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",
                      "load_checkpoint", "pin_reference"), "pipeline"),
     **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
