@@ -11,6 +11,7 @@ import io
 import json
 import math
 import pickle
+import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +22,17 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .layers import SDXL, LayerId, LayerSelection, UNetLayout
+from .layers import DIT_FAMILIES, SDXL, DiTLayout, LayerId, LayerSelection, ModelLayout
 from .style import ADAIN_EPS, token_mean_std
 
 FEATURES = ("q", "k", "v")
 FORMAT = "multicond.grading"
 FORMAT_VERSION = 1
-_GET_IT = ("The published gradings are the files in grading_files/ of github.com/Nadavc220/conditional-balance; "
+_GET_IT = ("The published gradings are the files in grading_files/ of github.com/Nadavc220/conditional-balance "
+           "(SDXL) and github.com/Nadavc220/conditional-balance-sd35 (gradingSd35L, SD3.5-Large); "
            "a grading saved by this pack is a .safetensors or .json file")
+SD35_FAMILY = "sd35"  # CB35's only grading is for SD3.5-Large; its file does not say more than the layer names
+_CB35_LAYER = re.compile(r"^transformer_blocks\.(\d+)\.attn\.processor$")  # CB35's `layer_names` (dit.md §4.2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,29 +119,53 @@ def load_grading(path: str | Path, node: str = "LayerBalance", input_name: str =
         raise _fail(node, input_name, path, f"not a readable grading file ({type(error).__name__}: {error})") from error
 
 
+def _read_original(archive: zipfile.ZipFile, path: Path, node: str, input_name: str) -> tuple[Any, str]:
+    """The dictionary of a published (torch.save) grading and the name it was saved under; runs no code.
+
+    CB35's gradingSd35L holds plain Python types: `torch.load(weights_only=True)` reads it. The SDXL
+    files carry numpy scalars, which that loader refuses: they go through `restricted_unpickle`.
+    """
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pickles) != 1:
+        raise _fail(node, input_name, path, "the zip archive is not a torch.save file with one data.pkl")
+    name = pickles[0].rpartition("/")[0] or path.stem  # torch.save's archive folder is the name it was saved under
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), name
+    except pickle.UnpicklingError:
+        return restricted_unpickle(archive.read(pickles[0])), name
+
+
+def original_layers(names: Sequence[Any], path: Path, node: str, input_name: str) -> tuple[str, tuple[LayerId, ...]]:
+    """The family and layer ids of a published grading's `layer_names`: SD3.5 joint blocks (CB35) or SDXL attn1."""
+    texts = [str(name) for name in names]
+    joint = [_CB35_LAYER.match(text) for text in texts]
+    if texts and all(joint):
+        # CB35 grades `transformer_blocks.{i}.attn` = ComfyUI's joint block i (dit.md §4.2 host mapping).
+        return SD35_FAMILY, tuple(LayerId("joint", int(match.group(1))) for match in joint if match)
+    layers = []
+    for text in texts:
+        try:
+            layers.append(SDXL.layer_from_diffusers_path(text))
+        except KeyError:
+            raise _fail(node, input_name, path, f"layer {text!r} is not a self-attention layer of SDXL "
+                        "nor an SD3.5 joint attention",
+                        "Conditional Balance gradings are for SDXL's 70 attn1 layers or SD3.5-Large's 38 joint "
+                        "blocks; use one of those.") from None
+    return "sdxl", tuple(layers)
+
+
 def _load_original(path: Path, node: str, input_name: str) -> Grading:
     with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickles) != 1:
-            raise _fail(node, input_name, path, "the zip archive is not a torch.save file with one data.pkl")
-        raw = restricted_unpickle(archive.read(pickles[0]))
+        raw, name = _read_original(archive, path, node, input_name)
     if not isinstance(raw, dict) or "layer_names" not in raw or "stats" not in raw:
         raise _fail(node, input_name, path,
                     "the file holds no 'layer_names' and 'stats' (not a Conditional Balance grading)")
-    layers = []
-    for name in raw["layer_names"]:
-        try:
-            layers.append(SDXL.layer_from_diffusers_path(str(name)))
-        except KeyError:
-            raise _fail(node, input_name, path, f"layer {name!r} is not a self-attention layer of SDXL",
-                        "Conditional Balance gradings are for SDXL; use one graded on SDXL's 70 attn1 layers.",
-                        ) from None
+    family, layers = original_layers(raw["layer_names"], path, node, input_name)
     stats = raw["stats"]
-    timesteps = tuple(int(t) for t in stats)
+    timesteps = tuple(int(t) for t in stats)  # CB35's keys are int(1000·σ) of its 28-step shift-3 schedule
     features = [f for f in FEATURES if all(f in stats[t] for t in stats)]
     grades = {f: torch.tensor([[float(g) for g in stats[t][f]] for t in stats], dtype=torch.float64) for f in features}
-    name = pickles[0].rpartition("/")[0] or path.stem  # torch.save's archive folder is the name it was saved under
-    return _validated(Grading("sdxl", tuple(layers), timesteps, grades, name), path, node, input_name)
+    return _validated(Grading(family, layers, timesteps, grades, name), path, node, input_name)
 
 
 def _validated(grading: Grading, path: Path, node: str, input_name: str) -> Grading:
@@ -216,16 +244,30 @@ def save_grading(grading: Grading, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- using a grading
 
-def check_grading(grading: Grading, layout: UNetLayout, node: str, input_name: str = "grading") -> None:
+def check_grading(grading: Grading, layout: ModelLayout, node: str, input_name: str = "grading") -> None:
+    """Refuse a grading made for another family or layer table than the model's."""
+    dit = layout.family in DIT_FAMILIES
     if grading.family != layout.family:
+        hint = ("CB35's gradingSd35L is for SD3.5-Large; there is none published for SD3-Medium or Flux"
+                if dit else "the published Conditional Balance UNet gradings are SDXL-only")
         raise InputError(node, input_name,
                          f"the grading {grading.name!r} is for {grading.family} but the model is {layout.family}",
-                         f"Use a grading made for {layout.family} "
-                         "(the published Conditional Balance gradings are SDXL-only).")
-    unknown = sorted(str(layer) for layer in set(grading.layers) - set(layout.layers))
+                         f"Use a grading made for {layout.family} ({hint}).")
+    unknown = [str(layer) for layer in sorted(set(grading.layers) - set(layout.layers))]  # joint.2 before joint.10
     if unknown:
         raise InputError(node, input_name, f"grading layers {', '.join(unknown[:5])} are not in this model",
-                         "Use a grading computed on this model's architecture.")
+                         _size_fix(layout))
+    if isinstance(layout, DiTLayout) and len(grading.layers) != len(layout.layers):
+        # A DiT grading ranks all its blocks against each other: a subset would not be CB35's choice.
+        raise InputError(node, input_name, f"the grading {grading.name!r} grades {len(grading.layers)} joint layers "
+                         f"but the model has {len(layout.layers)}", _size_fix(layout))
+
+
+def _size_fix(layout: ModelLayout) -> str:
+    if isinstance(layout, DiTLayout):
+        return ("Use a grading of this model's joint blocks (CB35's gradingSd35L grades SD3.5-Large's 38; "
+                "none is published for SD3.5-Medium).")
+    return "Use a grading computed on this model's architecture."
 
 
 def style_layer_count(lambda_s: float, total: int, node: str, input_name: str = "lambda_s") -> int:
@@ -259,18 +301,21 @@ def select_at(grading: Grading, timestep: float, count: int) -> dict[str, frozen
             for feature, table in grading.grades.items()}
 
 
-def shared_at(selection: dict[str, frozenset[LayerId]]) -> frozenset[LayerId]:
-    """Layers that share attention: the original sets `share_attention = adain_q or adain_k`."""
-    return selection["q"] | selection["k"]
+def shared_at(selection: dict[str, frozenset[LayerId]], joint: bool = False) -> frozenset[LayerId]:
+    """Layers that share attention: the UNet original sets `share_attention = adain_q or adain_k`;
+    on joint attention CB35's processor overwrites it with `adain_keys and adain_queries` (dit.md §4.1.3, :157)."""
+    return selection["q"] & selection["k"] if joint else selection["q"] | selection["k"]
 
 
 def graded_selection(grading: Grading, count: int, label: str = "") -> LayerSelection:
     """The handler's per-timestep choice as a layer selection: AdaIN on the `count` lowest-graded
-    layers per feature, attention shared where q or k is chosen (`update_adain_layers`)."""
+    layers per feature, attention shared where q or k is chosen (`update_adain_layers`), or on a DiT
+    where both are (CB35); keys are the grading's timesteps (1000·σ for CB35's file)."""
+    joint = grading.family in DIT_FAMILIES
     schedule: dict[int, dict[LayerId, frozenset[str]]] = {}
     for timestep in grading.timesteps:
         chosen = select_at(grading, timestep, count)
-        shared = shared_at(chosen)
+        shared = shared_at(chosen, joint)
         layers = shared.union(*chosen.values())
         schedule[timestep] = {layer: frozenset(f for f, picked in chosen.items() if layer in picked)
                               | ({"share"} if layer in shared else set()) for layer in layers}

@@ -22,6 +22,7 @@ from .balance import GRADINGS
 EXAMPLE_INPUTS = Path(__file__).resolve().parent.parent / "example_inputs"
 INPUT_PREFIX = "multicond_"  # every shipped input's name starts with it: the user's input folder is shared
 GRADINGS_SOURCE = "https://github.com/Nadavc220/conditional-balance (folder grading_files/)"
+SD35_GRADINGS_SOURCE = "https://github.com/Nadavc220/conditional-balance-sd35 (folder grading_files/)"
 
 
 def missing_files(source: Path, target: Path) -> list[Path]:
@@ -54,7 +55,8 @@ def ensure_gradings_folder(folder: Path) -> str | None:
         return None
     state = "created" if created else "no grading file in"
     return (f"MultiCond: {state} {folder}: Layer Balance (the Conditional Balance workflows) reads grading files "
-            f"from it; download style_layer_grading from {GRADINGS_SOURCE} into it")
+            f"from it; download style_layer_grading (SDXL) from {GRADINGS_SOURCE} or gradingSd35L (SD3.5-Large) "
+            f"from {SD35_GRADINGS_SOURCE} into it")
 
 
 def inside_comfyui_server() -> bool:

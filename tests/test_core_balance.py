@@ -20,13 +20,20 @@ from multicond.core.balance import (Grading, check_grading, graded_selection, gr
                           nearest_timestep, restricted_unpickle, save_grading, select_at, shared_at,
                           style_layer_count, token_statistics, trimmed_mean)
 from multicond.core.errors import InputError
-from multicond.core.layers import SD1, SDXL, LayerSelection
+from multicond.core.layers import (SD1, SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, SDXL, DiTLayout, LayerId,
+                                   LayerSelection)
 from multicond.core.style import AdaINSettings, allowed_adain
 
 # The project's shared/ folder sits beside the checkout (and beside CI's clone).
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conditional-balance"
 ORIGINALS = ["style_layer_grading", "style_balance_grading_v"]
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="published gradings not found")
+CB35_FILE = DATA.parent / "conditional-balance-sd35" / "gradingSd35L"
+needs_cb35 = pytest.mark.skipif(not CB35_FILE.is_file(), reason="CB35's gradingSd35L not found in shared/data")
+# int(1000·σ) of FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(28): CB35's keys (dit.md §4.2).
+CB35_KEYS = (1000, 987, 974, 960, 945, 929, 913, 895, 877, 857, 836, 814, 790, 764, 737, 707, 675, 640, 602, 560,
+             515, 464, 409, 347, 278, 199, 110, 8)
+CB35_LAMBDA_S = 28  # CB35 style_gen_img.py:46: 28 of SD3.5-L's 38 joint layers
 
 
 class _TestUnpickler(pickle.Unpickler):
@@ -344,3 +351,129 @@ def test_a_graded_selection_shares_no_group_norm_unless_told():
     assert replace(graded, group_norm=True).shares_group_norm(False)
     blocks = LayerSelection("sdxl", frozenset(SDXL.layers[:2]), "two")
     assert blocks.shares_group_norm(True) and not blocks.shares_group_norm(False)
+
+
+# ---------------------------------------------------------------- SD3.5: CB35's gradingSd35L
+
+def _cb35_top(grades: list[float], count: int) -> frozenset[LayerId]:
+    # CB35's `argsort(grades)[:λs]` (Handler.__init__, :302-307), re-stated with sorted(); layer i = joint block i.
+    return frozenset(LayerId("joint", i) for i in sorted(range(len(grades)), key=grades.__getitem__)[:count])
+
+
+def _flow_sigmas(steps: int = 28, shift: float = 3.0, train_steps: int = 1000) -> list[float]:
+    # diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps: σ from 1 down to its shifted σ_min (the shifted
+    # 1/1000 of the training table), then shifted: shift·σ / (1 + (shift − 1)·σ); ComfyUI's `normal` likewise.
+    def shifted(sigma: float) -> float:
+        return shift * sigma / (1 + (shift - 1) * sigma)
+
+    return [shifted(s) for s in np.linspace(1.0, shifted(1.0 / train_steps), steps).tolist()]
+
+
+@needs_cb35
+def test_cb35_grading_loads_as_sd35_joint_layers() -> None:
+    raw = torch.load(CB35_FILE, weights_only=True)
+    grading = load_grading(CB35_FILE)
+    assert grading.family == "sd35" and grading.layers == SD35_LARGE.layers
+    assert grading.timesteps == CB35_KEYS and set(grading.grades) == {"q", "k", "v"}
+    for row, t in enumerate(CB35_KEYS):
+        for f in "qkv":
+            assert grading.grades[f][row].tolist() == raw["stats"][t][f]
+    check_grading(grading, SD35_LARGE, "LayerBalance")  # the 38-layer SD3.5-L table: accepted
+
+
+@needs_cb35
+def test_cb35_selection_equals_the_handlers_sets_at_every_key() -> None:
+    """For every key t: AdaIN q/k/v on topQ/topK/topV(t); shared attention on topQ ∩ topK (CB35 :157, :321-341)."""
+    stats = torch.load(CB35_FILE, weights_only=True)["stats"]
+    count = style_layer_count(CB35_LAMBDA_S, len(SD35_LARGE.layers), "LayerBalance")
+    assert count == 28
+    selection = graded_selection(load_grading(CB35_FILE), count)
+    shared_sizes = []
+    for t in CB35_KEYS:
+        for f in "qkv":  # ties would leave argsort's order open; the file has none, so the sets are CB35's own
+            assert len(set(stats[t][f])) == 38
+        top = {f: _cb35_top(stats[t][f], count) for f in "qkv"}
+        shared = top["q"] & top["k"]
+        shared_sizes.append(len(shared))
+        for layer in SD35_LARGE.layers:
+            expected = {f for f in "qkv" if layer in top[f]} | ({"share"} if layer in shared else set())
+            assert selection.features(layer, float(t)) == expected, (t, layer)
+    # dit.md §4.2: q ∩ k holds 24–27 layers at every t, so q-or-k sharing would differ from CB35's at many steps.
+    assert min(shared_sizes) >= 24 and max(shared_sizes) <= 27 and min(shared_sizes) < 28
+    assert selection.graded_values and selection.group_norm is False
+
+
+def test_the_28_step_shift_3_sigmas_take_their_own_keys() -> None:
+    """1000·σ of the 28-step schedule truncates to CB35's keys; the nearest key is that one, where rounding is not."""
+    grading = Grading("sd35", SD35_LARGE.layers, CB35_KEYS, {f: torch.zeros(28, 38) for f in "qk"}, "keys")
+    scaled = [1000.0 * sigma for sigma in _flow_sigmas()]
+    assert [int(t) for t in scaled] == list(CB35_KEYS)
+    assert [nearest_timestep(grading, t) for t in scaled] == list(CB35_KEYS)
+    assert any(round(t) not in CB35_KEYS for t in scaled)  # why the lookup is nearest, not an exact key
+
+
+@needs_cb35
+@pytest.mark.parametrize("layout,match", [
+    (SD35_MEDIUM, "joint.24, joint.25.*not in this model"),
+    (SD3_MEDIUM, "is for sd35 but the model is sd3"),
+    (SDXL, "is for sd35 but the model is sdxl"),
+])
+def test_cb35_grading_on_another_model_is_refused(layout, match: str) -> None:
+    with pytest.raises(InputError, match=match) as info:
+        check_grading(load_grading(CB35_FILE), layout, "LayerBalance")
+    assert (info.value.node, info.value.input_name) == ("LayerBalance", "grading")
+
+
+def test_a_dit_grading_must_grade_every_joint_layer() -> None:
+    two = Grading("sd35", SD35_LARGE.layers[:2], (1000,), {f: torch.zeros(1, 2) for f in "qk"}, "two")
+    with pytest.raises(InputError, match="grades 2 joint layers but the model has 38"):
+        check_grading(two, SD35_LARGE, "LayerBalance")
+    check_grading(two, DiTLayout("sd35", joint=2), "LayerBalance")
+    sdxl = _random_grading()
+    with pytest.raises(InputError, match="is for sdxl but the model is sd35"):
+        check_grading(sdxl, SD35_LARGE, "LayerBalance")
+
+
+def _cb35_format(layers: int, keys: tuple[int, ...], seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer_names": [f"transformer_blocks.{i}.attn.processor" for i in range(layers)],
+            "stats": {t: {f: torch.rand(layers, generator=g).tolist() for f in "qkv"} for t in keys}}
+
+
+def test_a_torch_saved_cb35_format_file_loads_and_saves(tmp_path: Path) -> None:
+    raw = _cb35_format(3, (1000, 500, 8), seed=5)
+    torch.save(raw, tmp_path / "gradingTiny")
+    grading = load_grading(tmp_path / "gradingTiny")
+    expected = ("sd35", DiTLayout("sd35", joint=3).layers, (1000, 500, 8))
+    assert (grading.family, grading.layers, grading.timesteps) == expected
+    assert grading.grades["v"][1].tolist() == raw["stats"][500]["v"]
+    for suffix in (".json", ".safetensors"):
+        again = load_grading(save_grading(grading, tmp_path / f"g{suffix}"))
+        assert (again.family, again.layers, again.timesteps) == (grading.family, grading.layers, grading.timesteps)
+        torch.testing.assert_close(again.grades["k"], grading.grades["k"])
+
+
+def test_a_malicious_cb35_format_file_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    raw = _cb35_format(2, (1000,), seed=6)
+    raw["x"] = _Evil(marker)
+    with pytest.raises(InputError, match="not allowed"):
+        load_grading(_torch_zip(tmp_path / "evil35", pickle.dumps(raw, protocol=2)))
+    assert not marker.exists()
+
+
+def test_a_cb35_shared_set_is_q_and_k_where_the_unet_one_is_q_or_k() -> None:
+    g = torch.Generator().manual_seed(10)
+    grades = {f: torch.rand(4, 6, generator=g, dtype=torch.float64) for f in "qk"}
+    keys = (1000, 700, 400, 8)
+    dit_grading = Grading("sd35", DiTLayout("sd35", joint=6).layers, keys, grades, "dit")
+    dit, unet = graded_selection(dit_grading, 3), graded_selection(Grading("sdxl", SDXL.layers[:6], keys, grades), 3)
+    differs = False
+    for t in keys:
+        chosen = select_at(dit_grading, t, 3)
+        shared_dit = {layer.number for layer in dit_grading.layers if "share" in dit.features(layer, t)}
+        shared_unet = {i for i, layer in enumerate(SDXL.layers[:6]) if "share" in unet.features(layer, t)}
+        assert shared_dit == {layer.number for layer in chosen["q"] & chosen["k"]}
+        assert shared_unet == {layer.number for layer in chosen["q"] | chosen["k"]}
+        differs |= shared_dit != shared_unet
+    assert differs  # the seed gives at least one step where the two rules disagree

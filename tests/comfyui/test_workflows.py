@@ -275,7 +275,8 @@ def test_the_gradings_folder_is_created_and_the_log_says_where_gradings_come_fro
     folder = tmp_path / "models" / "multicond_gradings"
     message = ensure_gradings_folder(folder)
     assert folder.is_dir() and message.startswith(f"MultiCond: created {folder}")
-    assert "style_layer_grading" in message and "github.com/Nadavc220/conditional-balance" in message
+    assert "style_layer_grading" in message and "github.com/Nadavc220/conditional-balance " in message
+    assert "gradingSd35L" in message and "github.com/Nadavc220/conditional-balance-sd35" in message
     assert ensure_gradings_folder(folder).startswith(f"MultiCond: no grading file in {folder}")
     (folder / "style_layer_grading").write_bytes(b"grading")
     assert ensure_gradings_folder(folder) is None
