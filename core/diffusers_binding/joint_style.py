@@ -27,10 +27,11 @@ CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, 
 TIMESTEP_ARG = 3  # SD3Transformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)
 
 
-def transformer_of(transformer_or_pipeline: Any) -> SD3Transformer2DModel:
+def transformer_of(transformer_or_pipeline: Any, kind: type = SD3Transformer2DModel) -> Any:
+    """The `kind` transformer itself, or the one of a pipeline; a TypeError names what was given."""
     transformer = getattr(transformer_or_pipeline, "transformer", transformer_or_pipeline)
-    if not isinstance(transformer, SD3Transformer2DModel):
-        raise TypeError("StyleAligned on a DiT needs an SD3Transformer2DModel or a pipeline with one, "
+    if not isinstance(transformer, kind):
+        raise TypeError(f"StyleAligned here needs a {kind.__name__} or a pipeline with one, "
                         f"got {type(transformer).__name__}")
     return transformer
 

@@ -34,7 +34,7 @@ from ..chunks import chunk_layout
 from ..joint_style import ImageSpan, JointStyle, joint_adain, shared_joint_attention
 from ..layers import DiTLayout, LayerSelection, select_blocks
 from ..style import AdaINSettings, ShareSettings, StyleAlignedArgs
-from .joint_style import JointStyleHandle, JointStyleProcessor, _normed
+from .joint_style import JointStyleHandle, JointStyleProcessor, _normed, transformer_of
 from .processor import call_argument
 
 ALIGNEDGEN_SCORE_SCALE = 1.1  # AlignedGen's style_lambda_mode="fix" (dit.md §4.1.4)
@@ -56,14 +56,6 @@ class FluxPositions:
     adain_before_rope: bool = True
     shift_reference: bool = True
     reference_shift: int | None = None  # columns; None: the token grid's width (AlignedGen's `concat_img_ids`)
-
-
-def flux_transformer_of(transformer_or_pipeline: Any) -> FluxTransformer2DModel:
-    transformer = getattr(transformer_or_pipeline, "transformer", transformer_or_pipeline)
-    if not isinstance(transformer, FluxTransformer2DModel):
-        raise TypeError("StyleAligned on Flux needs a FluxTransformer2DModel or a pipeline with one, "
-                        f"got {type(transformer).__name__}")
-    return transformer
 
 
 def flux_layout(transformer: FluxTransformer2DModel) -> DiTLayout:
@@ -217,7 +209,7 @@ def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedA
     make up each batch: 1 for FluxPipeline (true CFG calls the transformer once per prompt set), 2 when
     one call carries [uncond, cond]; the reference is row `reference_index` of each.
     """
-    transformer = flux_transformer_of(transformer_or_pipeline)
+    transformer = transformer_of(transformer_or_pipeline, FluxTransformer2DModel)
     if any(isinstance(p, FluxStyleProcessor) for p in transformer.attn_processors.values()):
         raise RuntimeError("StyleAligned is already installed on this transformer; remove() the first handle first")
     if chunks < 1 or reference_index < 0:
