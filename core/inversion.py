@@ -1,9 +1,13 @@
-"""DDIM inversion of a reference latent and the per-step pinning of the reference row.
+"""Inversion of a reference latent (DDIM for UNets, Euler for flow models) and the pinning of the reference row.
 
-As StyleAligned's `inversion.py`: timesteps ascending, the noise predicted with CFG (2 by
+DDIM, as StyleAligned's `inversion.py`: timesteps ascending, the noise predicted with CFG (2 by
 default) at the *next* timestep from the current latent, and the deterministic DDIM update
 z_next = sqrt(a_next) * x0_hat + sqrt(1 - a_next) * eps. Latents here are on the VP scale the
 UNet sees (ComfyUI's model input after `calculate_input`, diffusers' scheduler latents).
+
+Flow models (SD3/SD3.5, Flux; x_σ = (1 − σ)·x0 + σ·ε, velocity v = ε − x0): the flow ODE run
+backwards by plain Euler, σ ascending from the schedule's smallest σ, with the velocity taken at
+the less noisy point (dit.md §3.5). Latents are x_σ as the model takes them.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 NoisePrediction = Callable[[torch.Tensor, int], torch.Tensor]
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 INVERSION_GUIDANCE = 2.0
 PIN_OFFSET = 5
+# ComfyUI's sampler ends with x / (1 − σ_last) on flow models: ending at σ = 1 divides by zero (dit.md §3.5).
+FLOW_SIGMA_CEILING = 1.0 - 1e-4
 
 
 def ddim_timesteps(steps: int, train_steps: int = 1000, steps_offset: int = 1) -> list[int]:
@@ -58,6 +65,35 @@ def pinned_step(step: int, offset: int = PIN_OFFSET) -> int:
     return offset if step == 0 else max(offset + 1, step)
 
 
-def nearest_step(timestep: float, timesteps: Sequence[int]) -> int:
-    """Index of the inversion timestep nearest to a sampler's (continuous) timestep."""
+def flow_inversion_sigmas(sigmas: Sequence[float], ceiling: float = FLOW_SIGMA_CEILING) -> list[float]:
+    """A sampler's descending σ schedule as the flow inversion runs it, noisiest first.
+
+    The trailing σ = 0 goes (the inversion starts from the clean latent at the smallest positive σ,
+    where v = (x − D)/σ is defined) and σ is clamped to `ceiling`, below 1.
+    """
+    kept = [min(float(sigma), ceiling) for sigma in sigmas if float(sigma) > 0]
+    if len(kept) < 2 or any(a < b for a, b in zip(kept, kept[1:])):
+        raise ValueError(f"expected a descending schedule of two or more positive sigmas, got {list(sigmas)}")
+    return kept
+
+
+def flow_invert(latent: torch.Tensor, velocity: Velocity, sigmas: Sequence[float]) -> torch.Tensor:
+    """Invert a clean latent along `sigmas` (descending, as `flow_inversion_sigmas` lists them) by Euler.
+
+    x_{σ_{i+1}} = x_{σ_i} + (σ_{i+1} − σ_i)·v(x_{σ_i}, σ_i), σ ascending; `latent` is taken as x at
+    the smallest σ. Returns the trajectory with `[i]` the latent at `sigmas[i]`: `[0]` the noisiest,
+    `[-1]` the input.
+    """
+    ascending = [float(sigma) for sigma in reversed(sigmas)]
+    trajectory = [latent]
+    z = latent
+    for sigma, sigma_next in zip(ascending, ascending[1:]):
+        # Plain Euler inversion, RF-Inversion's baseline (arXiv 2410.10792); its controlled ODE is not implemented.
+        z = z + (sigma_next - sigma) * velocity(z, sigma)
+        trajectory.append(z)
+    return torch.stack(trajectory).flip(0)
+
+
+def nearest_step(timestep: float, timesteps: Sequence[float]) -> int:
+    """Index of the inversion timestep (or flow σ) nearest to a sampler's continuous timestep (or σ)."""
     return min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - timestep))
