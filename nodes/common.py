@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
 import comfy.supported_models as supported
@@ -71,14 +72,14 @@ _FAMILIES: tuple[tuple[type, str], ...] = ((supported.SDXL, "sdxl"), (supported.
 def model_layout(model: Any, node: str, dit: bool = False) -> UNetLayout | DiTLayout:
     """The self-attention layers of a MODEL, or an error naming its family.
 
-    UNets always; SD3/SD3.5 (joint attention layers) only for a node that asks with `dit`, so a node
-    written for UNets keeps refusing them by name.
+    UNets always; SD3/SD3.5 (joint attention layers) and Flux.1 (double and single blocks) only for a
+    node that asks with `dit`, so a node written for UNets keeps refusing them by name.
     """
     if dit:
         joint = dit_layout(model, node)
         if joint is not None:
             return joint
-    supported_models = "an SD1.x, SD2.x, SDXL or SD3/SD3.5" if dit else "an SD1.x, SD2.x or SDXL"
+    supported_models = "an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1" if dit else "an SD1.x, SD2.x or SDXL"
     config = model.model.model_config
     family = next((name for cls, name in _FAMILIES if isinstance(config, cls)), None)
     unet = model.get_model_object("diffusion_model")
@@ -93,17 +94,27 @@ def model_layout(model: Any, node: str, dit: bool = False) -> UNetLayout | DiTLa
 
 
 def dit_layout(model: Any, node: str) -> DiTLayout | None:
-    """An SD3/SD3.5 model's joint attention layers; None for a model that is no DiT; an error for Flux."""
+    """An SD3/SD3.5 or Flux.1 model's attention layers; None for a model that is no DiT; an error for Flux's kin."""
     base = model.model
-    if isinstance(base, comfy.model_base.Flux):  # Chroma and Flux2 derive from it too (dit.md §2.7)
-        raise InputError(node, "model", f"{type(base).__name__} models are not supported yet (Flux support is coming)",
-                         "Use an SD1.x, SD2.x, SDXL or SD3/SD3.5 checkpoint.")
     diffusion_model = model.get_model_object("diffusion_model")
+    if isinstance(base, comfy.model_base.Flux):
+        return flux_layout(base, diffusion_model, node)
     if not isinstance(base, comfy.model_base.SD3) or not isinstance(diffusion_model, MMDiT):
         return None
     # ComfyUI marks SD3.5 (Medium and Large) by its RMS qk-norm; SD3-medium has none (dit.md §2.7).
     family = "sd35" if base.model_config.unet_config.get("qk_norm") == "rms" else "sd3"
     return DiTLayout(family, joint=len(diffusion_model.joint_blocks))
+
+
+def flux_layout(base: Any, diffusion_model: Any, node: str) -> DiTLayout:
+    """Flux.1 dev/schnell (and Kontext, Fill: the same classes); Chroma, Flux2 and other kin by name."""
+    # Chroma, Flux2 and LongCat derive from model_base.Flux; Flux2 shares the network class (dit.md §2.7).
+    is_flux1 = (type(base) is comfy.model_base.Flux and type(diffusion_model) is comfy.ldm.flux.model.Flux
+                and not getattr(diffusion_model.params, "global_modulation", False))
+    if not is_flux1:
+        raise InputError(node, "model", f"{type(base).__name__} models are not supported",
+                         "Use an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 (dev, schnell) checkpoint.")
+    return DiTLayout("flux", double=len(diffusion_model.double_blocks), single=len(diffusion_model.single_blocks))
 
 
 def enumerate_layers(unet: UNetModel) -> list[LayerId]:

@@ -261,7 +261,9 @@ class StyleReference(io.ComfyNode):
     def execute(cls, model: Any, vae: Any, image: torch.Tensor, positive: Any, negative: Any, reference_index: int,
                 inversion_steps: int, inversion_cfg: float, offset: int, latent: dict | None = None) -> io.NodeOutput:
         label = checked_label(cls, locals())
-        model_layout(model, label, dit=True)
+        if model_layout(model, label, dit=True).family == "flux":  # the pin with Flux's style patches is untested
+            raise InputError(label, "model", "a reference image on Flux is not supported yet",
+                             "Use the first image of the batch as the reference on Flux, or an SD1.x/SDXL/SD3.5 model.")
         if image.ndim != 4 or image.shape[0] != 1:
             raise InputError(label, "image", f"expected one image, got a batch of shape {tuple(image.shape)}",
                              "Pass a single image (ImageFromBatch picks one).")

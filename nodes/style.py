@@ -11,6 +11,14 @@ tokens it holds (dit.md §2.2). The stamp was chosen over a per-call counter: th
 `txt`/`img` give the image span exactly, it stays right when a block is recomputed (gradient
 checkpointing) or skipped (Skip Layer Guidance), and SD3's forward runs no DIFFUSION_MODEL wrapper
 that could reset a counter. An override or dit patch already there is kept and called.
+
+Flux.1: the same override sees q/k/v `[B, H, L, D]` after qk-norm and RoPE (dit.md §1.3); a
+`FluxBlockStamp` on every double and single block adds the block and its rotary table `pe`, and a
+`FluxCallStamp` around the model (DIFFUSION_MODEL wrapper, dit.md §2.3) the text length, the token grid
+and the rotation by one grid width. `FluxStylePatch` then does what AlignedGen does (dit.md §4.1.4),
+as the diffusers binding (`install_style_aligned_flux`): AdaIN before RoPE (un-rotate with `pe`'s
+transposed rotations, AdaIN, re-rotate) and the reference's keys at positions shifted right by the
+grid's width (R(p + Δ) = R(Δ) R(p), dit.md §4.1.5); by default on the single-stream blocks only.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ import torch
 from comfy_api.latest import io
 
 from ..core.errors import InputError
-from ..core.joint_style import joint_features, joint_style_attention
-from ..core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, select_all
+from ..core.attention import sdpa_attention
+from ..core.chunks import ChunkLayout
+from ..core.joint_style import ImageSpan, joint_adain, joint_features, joint_style_attention, shared_joint_attention
+from ..core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, select_all, select_blocks
 from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
                           release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, batch_layout, checked_label, current_sigma,
@@ -36,6 +46,11 @@ SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
 BATCH_WRAPPER_KEY = "multicond.style_batch"
 BLOCK_TOKENS = "multicond_joint_block"  # set by JointBlockStamp in a copy of transformer_options
+FLUX_BLOCK = "multicond_flux_block"  # set by FluxBlockStamp in a copy of transformer_options
+FLUX_CALL = "multicond_flux_call"  # set by FluxCallStamp in a copy of transformer_options
+FLUX_CALL_KEY = "multicond.flux_call"  # its DIFFUSION_MODEL wrapper key
+FLUX_DEFAULT_BLOCKS = "single"  # AlignedGen shares on the single-stream blocks only (dit.md §4.1.4)
+WIDTH_AXIS = 2  # Flux position ids are (index, row, column) (dit.md §1.3)
 
 LayerSelectionInput = io.Custom(LAYERS_TYPE)
 
@@ -270,13 +285,194 @@ def install_joint_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, 
     return patched
 
 
+# ----------------------------------------------------------------------------------------------- Flux.1
+
+@dataclass(frozen=True)
+class FluxBlock:
+    """What a FluxBlockStamp tells the override: the running block and its rotary table `pe` `[B, 1, L, D/2, 2, 2]`."""
+
+    layer: LayerId
+    pe: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class FluxCall:
+    """What a FluxCallStamp tells the override: text tokens, the image token grid, the rotation by one grid width."""
+
+    text: int
+    rows: int
+    columns: int
+    shift: torch.Tensor  # R(Δ) for Δ = (0, 0, columns), `[1, 1, 1, D/2, 2, 2]`
+
+    @property
+    def image(self) -> ImageSpan:
+        return (self.text, self.text + self.rows * self.columns)
+
+
+@dataclass(frozen=True)
+class FluxBlockStamp:
+    """`patches_replace["dit"]` patch of one Flux double or single block: runs it with its FluxBlock in a copy
+    of transformer_options (one dict flows through all blocks, dit.md §2.2)."""
+
+    layer: LayerId
+    inner: Any = None  # a dit patch that was on this block before; it runs the block
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = {**args["transformer_options"], FLUX_BLOCK: FluxBlock(self.layer, args.get("pe"))}
+        stamped = {**args, "transformer_options": options}
+        return self.inner(stamped, extra) if self.inner is not None else extra["original_block"](stamped)
+
+
+def token_grid(model: Any, x: torch.Tensor) -> tuple[int, int]:
+    """Flux's image token rows and columns of a latent: ComfyUI pads it to whole patches (dit.md §2.4)."""
+    patch = model.patch_size
+    return (x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch
+
+
+def width_rotation(model: Any, columns: int, device: torch.device) -> torch.Tensor:
+    """R(Δ) of the pure position Δ = (0, 0, columns), from the model's own rotary embedder (`rope` per axis)."""
+    delta = torch.zeros(1, 1, 3, device=device)
+    delta[..., WIDTH_AXIS] = columns
+    return model.pe_embedder(delta)
+
+
+@dataclass(frozen=True)
+class FluxCallStamp:
+    """DIFFUSION_MODEL wrapper of a Flux model: the call's FluxCall in a copy of transformer_options."""
+
+    def __call__(self, executor: Any, x: torch.Tensor, timestep: Any, context: torch.Tensor, y: Any, guidance: Any,
+                 ref_latents: Any, control: Any, transformer_options: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        model = executor.class_obj
+        rows, columns = token_grid(model, x)
+        call = FluxCall(context.shape[1], rows, columns, width_rotation(model, columns, x.device))
+        options = {**transformer_options, FLUX_CALL: call}
+        return executor(x, timestep, context, y, guidance, ref_latents, control, options, *args, **kwargs)
+
+
+def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Flux RoPE: each channel pair (2i, 2i+1) times pe's 2x2 matrix (C64 `flux/math.py` apply_rope)."""
+    pairs = x.to(pe.dtype).unflatten(-1, (-1, 1, 2))
+    return (pe * pairs).sum(-1).flatten(-2).to(x.dtype)
+
+
+def unrotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rotate`: rotations are orthogonal, so each pair times pe's transposed matrix (dit.md §4.1.5)."""
+    pairs = x.to(pe.dtype).unflatten(-1, (-1, 2, 1))
+    return (pe * pairs).sum(-2).flatten(-2).to(x.dtype)
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, D]` to core's `[B, L, H·D]`."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """core's `[B, L, H·D]` to `[B, H, L, D]`."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def adain_before_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, image: ImageSpan,
+                      rows: ChunkLayout, adain: AdaINSettings | None) -> tuple[torch.Tensor, ...]:
+    """AdaIN of the image tokens' position-free q/k (and v) on `[B, H, L, D]` post-RoPE tensors (AlignedGen)."""
+    if adain is None:
+        return q, k, v
+    start, stop = image
+    heads, image_pe = q.shape[1], pe[:, :, start:stop]
+    free = lambda x: flat(unrotate(x[:, :, start:stop], image_pe))  # noqa: E731
+    q_img, k_img, v_img = joint_adain(free(q), free(k), flat(v[:, :, start:stop]), (0, stop - start), rows, adain)
+    splice = lambda x, part: torch.cat([x[:, :, :start], part, x[:, :, stop:]], dim=2)  # noqa: E731
+    restored = lambda x, part: splice(x, rotate(heads_first(part, heads), image_pe))  # noqa: E731
+    return restored(q, q_img), restored(k, k_img), splice(v, heads_first(v_img, heads))
+
+
+@dataclass(frozen=True)
+class FluxStylePatch:
+    """`optimized_attention_override` for Flux.1: StyleAligned with AlignedGen's positions on the selected blocks.
+
+    Sees q/k/v `[B, H, L, D]` after qk-norm and RoPE, text first, then the image, then any Kontext tokens
+    (dit.md §1.3); returns `[B, L, H·D]`. Other calls go to the override that was there before, else to
+    ComfyUI's own kernel.
+    """
+
+    layout: DiTLayout
+    adain: Stage | None = None
+    share: Stage | None = None
+    inner: Any = None
+
+    def with_stage(self, kind: str, stage: Stage) -> FluxStylePatch:
+        return with_stage(self, kind, stage)
+
+    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        block: FluxBlock | None = options.get(FLUX_BLOCK)
+        call: FluxCall | None = options.get(FLUX_CALL)
+        q, k, v = args[:3]
+        if block is None or call is None or block.pe is None or q.ndim != 4 or q.shape[2] < call.image[1]:
+            return self._plain(func, *args, **kwargs)
+        sigma = current_sigma(options)
+        adain = None if self.adain is None else self.adain.adain_at(block.layer, sigma, joint=True)
+        share = None if self.share is None else self.share.share_at(block.layer, sigma, joint=True)
+        if adain is None and share is None:
+            return self._plain(func, *args, **kwargs)
+        stage = self.share or self.adain
+        if kwargs.get("mask") is not None:
+            raise InputError(stage.node, "model", "an attention mask reaches Flux's attention (e.g. Apply Style Model "
+                             "with attn_bias), which StyleAligned does not combine with",
+                             "Remove the masked conditioning, or bypass the StyleAligned nodes.")
+        rows = batch_layout(options["cond_or_uncond"], q.shape[0], stage.reference_index, stage.node)
+        return flux_style_attention(q, k, v, block.pe, call, rows, adain, share).to(q.dtype)
+
+    def _plain(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
+
+
+def flux_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, call: FluxCall,
+                         rows: ChunkLayout, adain: AdaINSettings | None, share: ShareSettings | None) -> torch.Tensor:
+    """AdaIN before RoPE, then attention with the reference's image K/V appended at shifted positions."""
+    heads, (start, stop) = q.shape[1], call.image
+    # Reference rows are never AdaIN'd: the call's own keys, shifted by R(Δ) before the AdaIN round trip.
+    reference_keys = flat(rotate(k[:, :, start:stop], call.shift)) if share is not None else None
+    q, k, v = adain_before_rope(q, k, v, pe, call.image, rows, adain)
+    if share is None:
+        return sdpa_attention(flat(q), flat(k), flat(v), heads)
+    # The reference renders as if alone (AlignedGen's constrain_first).
+    return shared_joint_attention(flat(q), flat(k), flat(v), heads, call.image, rows, share, isolate_reference=True,
+                                  reference_keys=reference_keys)
+
+
+def install_flux_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, selection: LayerSelection) -> Any:
+    """A clone of a Flux.1 `model` with `stage` on the selected blocks: override, block stamps, call stamp."""
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    current = options.get(OVERRIDE)
+    patch = current if isinstance(current, FluxStylePatch) else FluxStylePatch(layout, inner=current)
+    options[OVERRIDE] = patch.with_stage(kind, replace(stage, selection=selection, flow=True))
+    slots = options.get("patches_replace", {}).get("dit", {})
+    for layer in layout.layers:
+        key = f"{layer.block}_block"
+        current_block = slots.get((key, layer.number))
+        if not isinstance(current_block, FluxBlockStamp):
+            patched.set_model_patch_replace(FluxBlockStamp(layer, current_block), "dit", key, layer.number)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_CALL_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_CALL_KEY, FluxCallStamp())
+    return patched
+
+
+def default_selection(layout: Any) -> LayerSelection:
+    """Every layer, as the paper; on Flux AlignedGen's single-stream blocks."""
+    if isinstance(layout, DiTLayout) and layout.architecture == "flux":
+        return select_blocks(layout, FLUX_DEFAULT_BLOCKS)
+    return select_all(layout)
+
+
 def install_stage(model: Any, kind: str, stage: Stage, layers: LayerSelection | None) -> Any:
     """A clone of `model` with `stage` on every selected self-attention (UNet) or joint attention (SD3) layer."""
     layout = model_layout(model, stage.node, dit=True)
-    selection = layers if layers is not None else select_all(layout)
+    selection = layers if layers is not None else default_selection(layout)
     if isinstance(layout, DiTLayout):
         selection.check(layout, stage.node)
-        return install_joint_stage(model, kind, stage, layout, selection)
+        install = install_flux_stage if layout.architecture == "flux" else install_joint_stage
+        return install(model, kind, stage, layout, selection)
     selection.check(layout, stage.node)
     if selection.per_timestep:
         stage = replace(stage, selection=selection, log_sigmas=model.get_model_object("model_sampling").log_sigmas.float().cpu())
@@ -292,15 +488,17 @@ def install_stage(model: Any, kind: str, stage: Stage, layers: LayerSelection | 
     return patched
 
 
-def check_joint_share(label: str, share_attention: bool, full_attention_share: bool, group_norm: bool) -> None:
-    """Shared Attention's inputs on SD3: what has no joint-attention form is said, never silently dropped."""
+def check_joint_share(label: str, share_attention: bool, full_attention_share: bool, group_norm: bool,
+                      family: str = "SD3") -> None:
+    """Shared Attention's inputs on SD3 or Flux: what has no joint-attention form is said, never silently dropped."""
     if group_norm:
-        logging.warning("%s: no GroupNorm in SD3: share_group_norm has no effect (turn it off to silence this)", label)
+        logging.warning("%s: no GroupNorm in %s: share_group_norm has no effect (turn it off to silence this)", label,
+                        family)
     if full_attention_share:
-        raise InputError(label, "full_attention_share", "SD3's joint attention has no full-batch form",
+        raise InputError(label, "full_attention_share", f"{family}'s joint attention has no full-batch form",
                          "Turn it off: share_attention shares the reference's image keys and values.")
     if not share_attention:
-        raise InputError(label, "share_attention", "it is off, and nothing else of this node acts on SD3: "
+        raise InputError(label, "share_attention", f"it is off, and nothing else of this node acts on {family}: "
                          "the node would change nothing", "Turn it on, or bypass the node.")
 
 
@@ -315,7 +513,8 @@ def _range_inputs() -> list:
                        tooltip="Fraction of the sampling at which the effect ends (1 = last step)."),
         LayerSelectionInput.Input("layers", optional=True,
                                   tooltip="Self-attention layers to act on (from LayerBalance). "
-                                          "Unconnected: every layer, as the paper."),
+                                          "Unconnected: every layer, as the paper; on Flux the single-stream "
+                                          "blocks only, as AlignedGen."),
     ]
 
 
@@ -331,15 +530,16 @@ class SharedAttention(io.ComfyNode):
             category=f"{CATEGORY}/style",
             description="Style transfer across a batch, StyleAligned (Hertz et al. 2023): every image of the latent "
                         "batch also attends to the reference image's keys and values in self-attention, so the batch "
-                        "shares one style. Add AdaIN Style for the paper's full method. On SD3/SD3.5 it acts in "
-                        "joint attention on image tokens only, and the reference renders as if alone.",
+                        "shares one style. Add AdaIN Style for the paper's full method. On SD3/SD3.5 and Flux.1 it "
+                        "acts in joint attention on image tokens only, and the reference renders as if alone; on "
+                        "Flux the reference's keys sit one image width to the right (AlignedGen).",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 (dev, schnell) model."),
                 io.Boolean.Input("share_attention", default=True,
                                  tooltip="Append the reference's keys and values to every image's self-attention."),
                 io.Float.Input("score_scale", default=1.0, min=0.0, max=4.0, step=0.01,
                                tooltip="Multiplies the reference keys seen by the other images (paper: 1; "
-                                       "0.5 for very famous reference images)."),
+                                       "0.5 for very famous reference images; AlignedGen on Flux: 1.1)."),
                 io.Float.Input("score_shift", default=0.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Added to the attention logits of the reference keys: log w weights the "
                                        "reference by w (paper: 0; log 2 = 0.693 for a real reference image)."),
@@ -348,8 +548,8 @@ class SharedAttention(io.ComfyNode):
                 io.Boolean.Input("share_group_norm", default=True,
                                  tooltip="GroupNorm statistics include the reference's features (paper default; "
                                          "its SDXL demo turns it off). With a Layer Balance selection, its group_norm "
-                                         "input decides (from a grading: off, as Conditional Balance). SD3 has no "
-                                         "GroupNorm: there it does nothing (a warning says so)."),
+                                         "input decides (from a grading: off, as Conditional Balance). SD3 and Flux "
+                                         "have no GroupNorm: there it does nothing (a warning says so)."),
                 io.Boolean.Input("zero_reference_control", default=True,
                                  tooltip="With a ControlNet or T2I-Adapter, the reference image gets no control "
                                          "(as the paper's ControlNet variant)."),
@@ -373,7 +573,8 @@ class SharedAttention(io.ComfyNode):
         stage = Stage(label, settings, high, low, reference_index)
         group_norm = share_group_norm if layers is None else layers.shares_group_norm(share_group_norm)
         if isinstance(layout, DiTLayout):
-            check_joint_share(label, share_attention, full_attention_share, group_norm)
+            family = "Flux" if layout.architecture == "flux" else "SD3"
+            check_joint_share(label, share_attention, full_attention_share, group_norm, family)
             patched = install_stage(model, "share", stage, layers)
             patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, BATCH_WRAPPER_KEY)
             if zero_reference_control:
@@ -398,9 +599,9 @@ class AdaINStyle(io.ComfyNode):
             category=f"{CATEGORY}/style",
             description="StyleAligned's AdaIN: in self-attention, each image's projected queries/keys/values take the "
                         "per-channel token mean and std of the reference image's. Composes with Shared Attention in "
-                        "either order.",
+                        "either order. On Flux.1 it acts before RoPE, as AlignedGen.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 (dev, schnell) model."),
                 io.Boolean.Input("queries", default=True, tooltip="AdaIN on the queries (paper: on)."),
                 io.Boolean.Input("keys", default=True, tooltip="AdaIN on the keys (paper: on)."),
                 io.Boolean.Input("values", default=False, tooltip="AdaIN on the values (paper: off). With a Layer Balance "

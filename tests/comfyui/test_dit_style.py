@@ -259,14 +259,6 @@ def test_inputs_without_a_joint_attention_form_are_refused():
         tiny_dit.sample(shared(model), batch=1)
 
 
-@pytest.mark.parametrize("node", [SharedAttention, AdaINStyle], ids=["SharedAttention", "AdaINStyle"])
-def test_flux_is_refused_by_name(node):
-    node_id = node.define_schema().node_id
-    with pytest.raises(InputError, match=rf"{node_id}: input 'model': Flux models are not supported yet "
-                                         r"\(Flux support is coming\)"):
-        call(node, model=tiny_dit.build_flux())
-
-
 def test_reference_control_is_zeroed_in_every_chunk():
     styled = shared(tiny_dit.build("sd35l"), reference_index=1, share_group_norm=False)
     wrapper = styled.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "multicond.style_batch")[0]

@@ -157,3 +157,9 @@ def test_flux_dev_is_inverted_on_its_own_sigmas():
     assert 0.999 < sigmas[0] < 1 and 0 < sigmas[-1] < 1e-2  # the "normal" schedule's smallest σ, not 0
     torch.testing.assert_close(trajectory[-1], clean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(trajectory[-2], x + (sigmas[-2] - sigma) * (x - denoised) / sigma, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reference_image_on_flux_is_refused_by_name_until_its_pin_is_tested():
+    with pytest.raises(InputError, match="MultiCond_StyleReference: input 'model': a reference image on Flux is not "
+                                         "supported yet"):
+        reference(tiny_flow.build_flux())

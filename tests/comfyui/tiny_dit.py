@@ -85,3 +85,72 @@ def sample(model, batch: int = 3, height: int = 16, width: int = 12, steps: int 
         negative = negative if negative is not None else conditioning(2)
         return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=seed,
                                    disable_pbar=True).clone()
+
+
+@functools.lru_cache(maxsize=None)
+def flux_transformer(variant: str = "dev", seed: int = 0):
+    """The diffusers tiny Flux model (cached: tests never change its weights)."""
+    from multicond.core.diffusers_binding.tiny_dit import tiny_flux_transformer
+
+    return tiny_flux_transformer(variant, seed)
+
+
+def build_flux_weighted(variant: str = "dev", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI Flux-dev or -schnell model with `flux_transformer(variant, seed)`'s weights, built directly:
+    detection fixes Flux's real head count and rotary axes, so tiny weights are not detected (dit.md §5.2)."""
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+
+    source = flux_transformer(variant, seed)
+    # convert_diffusers_mmdit pops the keys it maps and swaps tensors in place: it gets clones (dit.md §5.4).
+    clones = {key: value.clone() for key, value in source.state_dict().items()}
+    converted = comfy.model_detection.convert_diffusers_mmdit(clones, "")
+    config = source.config
+    unet_config = {"image_model": "flux", "in_channels": config.in_channels // 4,
+                   "out_channels": config.out_channels // 4,
+                   "vec_in_dim": config.pooled_projection_dim, "context_in_dim": config.joint_attention_dim,
+                   "hidden_size": config.num_attention_heads * config.attention_head_dim, "mlp_ratio": 4.0,
+                   "num_heads": config.num_attention_heads, "depth": config.num_layers,
+                   "depth_single_blocks": config.num_single_layers, "axes_dim": list(config.axes_dims_rope),
+                   "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": config.guidance_embeds}
+    if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:  # newer hosts require it
+        unet_config["txt_ids_dims"] = []
+    family = comfy.supported_models.Flux if variant == "dev" else comfy.supported_models.FluxSchnell
+    model_config = family(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    expected = set(model.diffusion_model.state_dict())
+    assert set(converted) == expected, f"unmapped Flux weights: {sorted(expected ^ set(converted))[:4]}"
+    model.load_model_weights(converted, "")
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def flux_inputs(batch: int, seed: int = 0, height: int = 16, width: int = 12, text_tokens: int = 7) -> dict:
+    """One Flux model call's latent `[batch, 16, height, width]`, context `[batch, text_tokens, 32]` and pooled."""
+    from multicond.core.diffusers_binding.tiny_dit import FLUX_CONTEXT_WIDTH, FLUX_POOLED_WIDTH
+
+    generator = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, LATENT_CHANNELS, height, width, generator=generator),
+            "context": torch.randn(batch, text_tokens, FLUX_CONTEXT_WIDTH, generator=generator),
+            "pooled": torch.randn(batch, FLUX_POOLED_WIDTH, generator=generator)}
+
+
+def apply_flux(model: comfy.model_patcher.ModelPatcher, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+               sigma: float, cond_or_uncond: list[int], guidance: float = 3.5) -> torch.Tensor:
+    """ComfyUI's denoised prediction of one Flux model call with `model`'s patches (guidance is ignored by schnell)."""
+    sigmas = torch.full((x.shape[0],), sigma)
+    # The sampler hands the patcher's wrappers to the model this way (Flux runs its DIFFUSION_MODEL wrappers).
+    options = {**model.model_options.get("transformer_options", {}), "cond_or_uncond": list(cond_or_uncond),
+               "sigmas": sigmas, "wrappers": model.wrappers}
+    guidances = torch.full((x.shape[0],), guidance)
+    with torch.inference_mode():
+        return model.model.apply_model(x, sigmas, c_crossattn=context, y=pooled, guidance=guidances,
+                                       transformer_options=options).clone()
+
+
+def flux_conditioning(seed: int, tokens: int = 7, guidance: float = 3.5) -> list:
+    from multicond.core.diffusers_binding.tiny_dit import FLUX_CONTEXT_WIDTH, FLUX_POOLED_WIDTH
+
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, FLUX_CONTEXT_WIDTH, generator=generator),
+             {"pooled_output": torch.randn(1, FLUX_POOLED_WIDTH, generator=generator), "guidance": guidance}]]
