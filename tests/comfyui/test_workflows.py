@@ -43,6 +43,12 @@ MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCo
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
 TINY_GRADING = "multicond_test_grading.json"
+TINY_SD35_GRADING = "multicond_test_gradingSd35"  # CB35's format (torch.save), for the tiny SD3.5's 2 joint layers
+TINY_SD35_LAMBDA_S = 0.5  # 1 of its 2 joint layers (the workflows' 28 is a count of SD3.5 Large's 38)
+# int(1000·σ) of the 28-step shift-3 schedule: the keys of CB35's gradingSd35L (as tests/comfyui/test_dit_balance.py)
+CB35_KEYS = (1000, 987, 974, 960, 945, 929, 913, 895, 877, 857, 836, 814, 790, 764, 737, 707, 675, 640, 602, 560,
+             515, 464, 409, 347, 278, 199, 110, 8)
+LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
 SIZE = 64  # pixels: an 8x8 latent
 STEPS = 2
 INVERSION_STEPS, INVERSION_OFFSET = 3, 1
@@ -91,6 +97,7 @@ def prepare_base(base: Path) -> None:
     link_or_copy(ROOT, base / "custom_nodes" / "multicond")
     link_or_copy(Path(__file__).parent / "tiny_pack", base / "custom_nodes" / "multicond_tiny_pack")
     write_tiny_grading(base / "models" / "multicond_gradings" / TINY_GRADING)
+    write_tiny_sd35_grading(base / "models" / "multicond_gradings" / TINY_SD35_GRADING)
 
 
 def write_tiny_grading(path: Path) -> None:
@@ -107,6 +114,18 @@ def write_tiny_grading(path: Path) -> None:
     grades = {f: torch.rand(len(timesteps), len(layers), generator=generator, dtype=torch.float64) for f in "qk"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grading(Grading("sdxl", layers, timesteps, grades, "tiny"), path)
+
+
+def write_tiny_sd35_grading(path: Path) -> None:
+    """A random grading in CB35's gradingSd35L format (layer_names + per-key q/k/v grades) for the tiny SD3.5's 2 joint
+    layers, for SD3.5 workflows that load one."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    layers = [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+    stats = {key: {f: torch.rand(len(layers), generator=generator).tolist() for f in "qkv"} for key in CB35_KEYS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"layer_names": layers, "stats": stats}, path)
 
 
 def server_command(base: Path, port: int) -> list[str]:
@@ -171,6 +190,8 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
     graph = json.loads(json.dumps(graph))
     checkpoints = [node["inputs"]["ckpt_name"] for node in graph.values() if node["class_type"] == "CheckpointLoaderSimple"]
     family = "sdxl" if any("xl" in name.lower() for name in checkpoints) else "sd15"
+    if any("sd3" in name.lower() for name in checkpoints):
+        family = "sd35l"  # the tiny SD3.5-Large-like DiT of tests/comfyui/tiny_dit.py
     adapters = [node for node in graph.values() if node["class_type"] == "ControlNetLoader"
                 and "t2i" in node["inputs"]["control_net_name"].lower()]
     if adapters:
@@ -182,12 +203,14 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
         elif kind == "ControlNetLoader":
             loader = "MultiCondTest_TinyT2IAdapter" if node in adapters else "MultiCondTest_TinyControlNet"
             node["class_type"], node["inputs"] = loader, {"family": family, "seed": 0}
-        elif kind in ("EmptyLatentImage", "ImageScale"):
+        elif kind in (*LATENTS, "ImageScale"):
             inputs.update(width=SIZE, height=SIZE)
         elif kind == "KSampler":
             inputs["steps"] = STEPS
         elif kind == "MultiCond_StyleReference":
             inputs.update(inversion_steps=INVERSION_STEPS, offset=INVERSION_OFFSET)
+        elif kind == "MultiCond_LayerBalance" and family == "sd35l":
+            inputs.update(grading=TINY_SD35_GRADING, lambda_s=TINY_SD35_LAMBDA_S)
         elif kind == "MultiCond_LayerBalance":
             inputs["grading"] = TINY_GRADING
         elif kind == "MultiCond_SpatialGuidance":
@@ -226,7 +249,8 @@ def execution_errors(entry: dict) -> list[dict]:
 def test_there_are_workflows() -> None:
     assert {path.stem for path in WORKFLOWS} >= {"1a StyleAligned - SDXL batch in one style",
                                                  "1b StyleAligned - SD1.5 batch in one style",
-                                                 "1c StyleAligned - SDXL style from a reference image"}
+                                                 "1c StyleAligned - SDXL style from a reference image",
+                                                 "1d StyleAligned - SD3.5 Large batch with Layer Balance"}
 
 
 def http_bytes(url: str) -> bytes:
@@ -367,7 +391,7 @@ def test_converter_reads_a_workflow_the_frontend_saved(object_info: dict) -> Non
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
 def test_workflow_runs_on_the_server(path: Path, server: Server, object_info: dict) -> None:
     graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
-    (latent,) = nodes_of(graph, "EmptyLatentImage")
+    (latent,) = [node_id for kind in LATENTS for node_id in nodes_of(graph, kind)]
     (save,) = nodes_of(graph, "SaveImage")
     expected = graph[latent]["inputs"]["batch_size"]
 
@@ -378,6 +402,19 @@ def test_workflow_runs_on_the_server(path: Path, server: Server, object_info: di
     assert len(images) == expected
     for image in images:
         assert (server.base / image["type"] / image["subfolder"] / image["filename"]).is_file(), image
+
+
+def test_the_sd35_workflow_samples_as_cb35() -> None:
+    """StyleAligned + Layer Balance on SD3.5 Large with CB35's defaults: shift 3, 28 euler steps at CFG 3.5, the 28
+    most style-sensitive of the 38 joint layers from gradingSd35L."""
+    (path,) = [path for path in WORKFLOWS if path.stem.startswith("1d ")]
+    values = {node["type"]: node.get("widgets_values") for node in load_workflow(path)["nodes"]}
+    assert values["CheckpointLoaderSimple"][0].startswith("sd3.5_large")
+    assert values["ModelSamplingSD3"] == [3.0]
+    assert values["KSampler"][2:6] == [28, 3.5, "euler", "normal"]
+    assert values["MultiCond_LayerBalance"][:3] == ["grading", "gradingSd35L", 28.0]
+    assert values["EmptySD3LatentImage"] == [1024, 1024, 4] and values["MultiCond_BatchPrompts"][1] == 4
+    assert {"MultiCond_SharedAttention", "MultiCond_AdaINStyle", "CLIPTextEncode", "VAEDecode"} <= set(values)
 
 
 COMPOSED = next(path for path in WORKFLOWS if path.stem.startswith("6 Composed"))

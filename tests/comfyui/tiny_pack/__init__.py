@@ -5,6 +5,10 @@ The workflow test links this folder into a throwaway ComfyUI's `custom_nodes/` a
 tiny SD1.5- or SDXL-shaped UNet of the real comfy classes (configs from `tests/comfyui/tiny.py`),
 the CLIP is comfy's own SD1.5 / SDXL text encoder (real tokenizers) with tiny transformer
 configs, and the VAE is the tiny AutoencoderKL of `tests/comfyui/tiny.py` (the usual 8x downscale).
+Family "sd35l" is SD3.5-Large-like: the MODEL is ComfyUI's SD3 detected from the 2-block diffusers transformer of
+the pack's core/diffusers_binding/tiny_dit.py (the one tests/comfyui/tiny_dit.py and the style tests use), the CLIP is
+comfy's SD1 CLIP-L (real tokenizer) at the model's context width 64 with a 32-wide pooled projection (the tiny SD3's
+conditioning shapes: a real SD3 text encoder pads to 4096), and the VAE the tiny AutoencoderKL with 16 latent channels.
 Nothing is downloaded and nothing is read from disk but the tokenizers that ship with ComfyUI.
 """
 
@@ -29,7 +33,8 @@ TINY_CONTROLNET = "MultiCondTest_TinyControlNet"
 TINY_T2I = "MultiCondTest_TinyT2IAdapter"
 TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
 BASE_FAMILIES = ("sd15", "sdxl")
-FAMILIES = (*BASE_FAMILIES, "sd15_shaped", "sdxl_shaped")  # _shaped: the real block structure (T2I-Adapters fit)
+SD35 = "sd35l"  # the tiny SD3.5-Large-like DiT
+FAMILIES = (*BASE_FAMILIES, "sd15_shaped", "sdxl_shaped", SD35)  # _shaped: the real block structure (T2I-Adapters fit)
 
 # Text encoders: real vocabulary (the tokenizers emit ids up to 49407), a few tiny layers.
 # SDXL reads layer -2 of both encoders, so each needs at least 3 layers.
@@ -38,13 +43,27 @@ CLIP_L_SDXL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads"
 CLIP_G_SDXL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3}
 SDXL_POOLED = 1280  # SDXL's adm input (2816) = pooled CLIP-G (1280) + 6 size embeddings of 256
 SDXL_CONTEXT = CLIP_L_SDXL["hidden_size"] + CLIP_G_SDXL["hidden_size"]
+SD35_LATENT_CHANNELS = 16
+
+def _tiny_models_path() -> Path:
+    """tests/comfyui/tiny.py: from MULTICOND_TINY_MODELS (set by the test), else next to this package."""
+    return Path(os.environ.get(TINY_MODELS_ENV) or Path(__file__).resolve().parent.parent / "tiny.py")
+
 
 def _load_tiny_module() -> ModuleType:
-    """tests/comfyui/tiny.py: from MULTICOND_TINY_MODELS (set by the test), else next to this package."""
-    name = "multicond_test_tiny_models"
+    return _load_file("multicond_test_tiny_models", _tiny_models_path())
+
+
+def _load_tiny_dit_module() -> ModuleType:
+    """The pack's core/diffusers_binding/tiny_dit.py (torch + diffusers only), by path: the server loads the pack
+    under a module name of its own, so `multicond` may not be importable here."""
+    root = _tiny_models_path().resolve().parents[2]
+    return _load_file("multicond_test_tiny_dit", root / "core" / "diffusers_binding" / "tiny_dit.py")
+
+
+def _load_file(name: str, path: Path) -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
-    path = Path(os.environ.get(TINY_MODELS_ENV) or Path(__file__).resolve().parent.parent / "tiny.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -87,6 +106,37 @@ def build_vae(seed: int) -> comfy.sd.VAE:
     return _load_tiny_module().build_vae(seed + 2)
 
 
+def build_sd35(seed: int) -> tuple[Any, Any, Any]:
+    """MODEL, CLIP, VAE of the tiny SD3.5-Large-like family (shapes of multicond's tiny_dit: context 64, pooled 32)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    tiny_dit = _load_tiny_dit_module()
+    CONTEXT_WIDTH, POOLED_WIDTH = tiny_dit.CONTEXT_WIDTH, tiny_dit.POOLED_WIDTH  # noqa: N806 - the module's constants
+
+    state = dict(tiny_dit.tiny_sd3_transformer(SD35, seed).state_dict())
+    model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32})
+    assert model is not None, "ComfyUI did not detect the tiny SD3.5 model"
+
+    width = {**CLIP_L_SD15, "hidden_size": CONTEXT_WIDTH}
+    clip = comfy.sd.CLIP(model_config("sd15").clip_target(), model_options={"clip_l_model_config": width,
+                                                                           "dtype": torch.float32})
+    encoder = clip.cond_stage_model
+    clip_l = encoder.clip_l  # SD1's CLIP-L pools without its projection; SD3 takes the projected pooled output
+    clip_l.transformer.text_projection = comfy.ops.manual_cast.Linear(CONTEXT_WIDTH, POOLED_WIDTH, bias=False)
+    clip_l.return_projected_pooled = True
+    clip_l.options_default = (*clip_l.options_default[:2], True)
+    _load_tiny_module().randomize(encoder, seed + 1)
+
+    tiny = _load_tiny_module()
+    ddconfig = dict(tiny.TINY_VAE_DDCONFIG, z_channels=SD35_LATENT_CHANNELS)
+    params = {"ddconfig": ddconfig, "embed_dim": SD35_LATENT_CHANNELS}
+    autoencoder = AutoencoderKL(**params)
+    tiny.randomize(autoencoder, seed + 2)
+    vae = comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params}, dtype=torch.float32)
+    vae.latent_channels = SD35_LATENT_CHANNELS
+    return model, clip, vae
+
+
 class TinyLoader:
     """What both test loaders take: the family of the tiny model and the seed of its weights."""
 
@@ -101,13 +151,15 @@ class TinyLoader:
 
 
 class TinyCheckpoint(TinyLoader):
-    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5 or SDXL."""
+    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5, SDXL or SD3.5-Large."""
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     DESCRIPTION = "Test only: tiny random models of the real comfy classes (MultiCond workflow test)."
 
     def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
+        if family == SD35:
+            return build_sd35(seed)
         config = model_config(family)
         return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
 
