@@ -29,7 +29,13 @@ GRADINGS = "multicond_gradings"  # models/multicond_gradings/: where users put g
 NO_GRADING = "none"
 SOURCES = ("grading", "preset", "blocks")
 GROUP_NORM = {"as the method": None, "shared": True, "not shared": False}  # None: a grading off, others as Shared Attention
-PRESETS = ("all layers", "style blocks (IPAdapter)", "composition blocks (IPAdapter)", "evenly spaced (only_self_level)")
+ALL_LAYERS, IPADAPTER_STYLE, IPADAPTER_COMPOSITION, EVENLY_SPACED, FAMILY_STYLE = (
+    "all layers", "style blocks (IPAdapter)", "composition blocks (IPAdapter)", "evenly spaced (only_self_level)",
+    "style blocks (family default)")
+PRESETS = (ALL_LAYERS, IPADAPTER_STYLE, IPADAPTER_COMPOSITION, EVENLY_SPACED, FAMILY_STYLE)  # appended: saved names keep
+# The family default: IPAdapter's style blocks on UNets, AlignedGen's single-stream blocks on Flux, every joint block on
+# SD3/SD3.5 (no published fixed subset there: Conditional Balance SD3.5 chooses per step from its grading).
+FAMILY_STYLE_BLOCKS = {"flux": "single", "sd3": "joint", "sd35": "joint"}
 # IPAdapter's "style transfer" / "composition" weight types (InstantStyle's blocks), in ComfyUI block numbers;
 # SD1.5's composition weights input.7 at a quarter and input.8 fully: both are selected here.
 STYLE_BLOCKS = {"sdxl": "output.1", "sd1": "input.1, input.2, input.4, input.5, output.5, output.6, output.7, "
@@ -43,15 +49,18 @@ if GRADINGS not in folder_paths.folder_names_and_paths:
 
 def preset_selection(layout: ModelLayout, preset: str, only_self_level: float,
                      node: str = LAYER_BALANCE) -> LayerSelection:
-    if preset == PRESETS[0]:
+    if preset == ALL_LAYERS:
         return select_all(layout)
-    if preset == PRESETS[3]:
+    if preset == EVENLY_SPACED:
         return select_evenly_spaced(layout, only_self_level)
+    if preset == FAMILY_STYLE and isinstance(layout, DiTLayout):
+        return select_blocks(layout, FAMILY_STYLE_BLOCKS[layout.family], node, "preset")
     if isinstance(layout, DiTLayout):  # InstantStyle's blocks are UNet blocks: no DiT counterpart is known
         raise InputError(node, "preset", f"{preset!r} names UNet blocks, and this is an {layout.family} model",
-                         f"On SD3/SD3.5 use the preset '{PRESETS[0]}' or '{PRESETS[3]}', source 'grading' with "
+                         f"On a DiT use the preset '{FAMILY_STYLE}', '{ALL_LAYERS}' or '{EVENLY_SPACED}', source "
+                         "'grading' with "
                          f"gradingSd35L, or source 'blocks' with {DIT_BLOCKS_HINT}.")
-    blocks = (STYLE_BLOCKS if preset == PRESETS[1] else COMPOSITION_BLOCKS)[layout.family.replace("sd2", "sd1")]
+    blocks = (COMPOSITION_BLOCKS if preset == IPADAPTER_COMPOSITION else STYLE_BLOCKS)[layout.family.replace("sd2", "sd1")]
     return select_blocks(layout, blocks, node, "preset")
 
 
@@ -110,9 +119,11 @@ class LayerBalance(io.ComfyNode):
                                tooltip="How many layers carry the style: a fraction of the model's self-attention "
                                        "layers in [0, 1] (paper: 0.43; 0.57 with a ControlNet; 0: none) or a whole "
                                        "count. SD3.5: CB35 uses 28 (a count, of 38 joint layers)."),
-                io.Combo.Input("preset", options=list(PRESETS), default=PRESETS[1],
+                io.Combo.Input("preset", options=list(PRESETS), default=FAMILY_STYLE,
                                tooltip="With source 'preset': every layer, IPAdapter's style or composition blocks "
-                                       "(UNet only), or StyleAligned's evenly spaced only_self_level choice."),
+                                       "(UNet only), StyleAligned's evenly spaced only_self_level choice, or the "
+                                       "family default: IPAdapter's style blocks on UNets, the single-stream blocks "
+                                       "on Flux (AlignedGen), every joint block on SD3/SD3.5."),
                 io.Float.Input("only_self_level", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="For the evenly spaced preset: the fraction of layers left unshared "
                                        "(StyleAligned's only_self_level)."),

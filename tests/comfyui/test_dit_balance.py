@@ -161,3 +161,18 @@ def test_a_grading_for_another_model_is_refused_by_name(gradings):
         balance(tiny.build("sd15"), grading=TINY_NAME)
     with pytest.raises(InputError, match="input 'lambda_s'"):
         balance(tiny_dit.build("sd35l"), grading=TINY_NAME, lambda_s=28.0)  # a count beyond the 2 joint layers
+
+
+@pytest.mark.parametrize("build,expected", [
+    (lambda: tiny_dit.build("sd35l"), lambda layers: layers),                            # every joint block
+    (lambda: tiny_dit.build_flux(), lambda layers: [l for l in layers if l.block == "single"]),  # AlignedGen's blocks
+])
+def test_the_node_at_its_defaults_gives_the_family_style_blocks(build, expected):
+    """Dropped in with nothing changed, Layer Balance works on DiTs too (source preset, the family default)."""
+    from .graph import call
+
+    model = build()
+    layers = model_layout(model, "test", dit=True).layers
+    selection, preview = call(LayerBalance, model=model)
+    assert sorted(selection.layers) == sorted(expected(layers)) and selection.layers
+    assert preview.shape[1] == 6 * len(layers)
