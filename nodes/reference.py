@@ -1,7 +1,7 @@
 """StyleReference: a real image as the StyleAligned reference, through DDIM or flow inversion.
 
-The image is inverted once (UNets: StyleAligned's `inversion.py`, CFG 2; flow models such as
-SD3/SD3.5: plain Euler up the flow ODE, dit.md §3.5) and, while sampling, the reference row of the
+The image is inverted once (UNets: StyleAligned's `inversion.py`, CFG 2; flow models, SD3/SD3.5 and
+Flux.1: plain Euler up the flow ODE, dit.md §3.5) and, while sampling, the reference row of the
 batch is pinned to the inverted trajectory. The original overwrites the latent after each DDIM step;
 here the row is matched by timestep (flow models: by σ) at every model call, so any ComfyUI sampler
 and scheduler works, and with 50 DDIM-spaced steps the two coincide.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..core.errors import InputError
 from ..core.inversion import (INVERSION_GUIDANCE, PIN_OFFSET, ddim_invert, ddim_timesteps, flow_inversion_sigmas,
                               flow_invert, nearest_step, pinned_step)
-from .common import (CATEGORY, HIDDEN, OVERRIDE, batch_layout, checked_label, is_pack_patch, model_layout,
+from .common import (CATEGORY, HIDDEN, OVERRIDE, batch_layout, checked_label, is_pack_patch,
                      search_aliases, without_pack_patches)
 from .style import StylePatch
 
@@ -231,11 +231,11 @@ class StyleReference(io.ComfyNode):
             display_name="Style Reference Image (StyleAligned)",
             category=f"{CATEGORY}/style",
             description="Use a real image as the style reference: inverts it (DDIM on SD1.x/SDXL, Euler up the flow "
-                        "ODE on SD3/SD3.5) and pins image reference_index of the latent batch to the inverted "
-                        "trajectory while sampling. Works with any sampler. Connect the model through Shared "
+                        "ODE on SD3/SD3.5 and Flux.1) and pins image reference_index of the latent batch to the "
+                        "inverted trajectory while sampling. Works with any sampler. Connect the model through Shared "
                         "Attention and AdaIN Style (in any order).",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 model."),
                 io.Vae.Input("vae", tooltip="The VAE that encodes the reference image."),
                 io.Image.Input("image", tooltip="The reference image, at the latent batch's size (width and height x8)."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the reference image (used for the inversion)."),
@@ -247,7 +247,8 @@ class StyleReference(io.ComfyNode):
                                      "sampler can be used afterwards."),
                 io.Float.Input("inversion_cfg", default=INVERSION_GUIDANCE, min=0.0, max=30.0, step=0.1,
                                tooltip="Guidance scale of the inversion (paper: 2, on UNets). On SD3/SD3.5 "
-                                       "1 is usual: plain Euler inversion drifts more with guidance."),
+                                       "1 is usual: plain Euler inversion drifts more with guidance. Flux.1: 1 "
+                                       "(dev keeps its distilled guidance from the positive prompt)."),
                 io.Int.Input("offset", default=PIN_OFFSET, min=0, max=999,
                              tooltip="The reference starts this many inversion steps below pure noise (paper: 5)."),
                 io.Latent.Input("latent", optional=True,
@@ -261,9 +262,6 @@ class StyleReference(io.ComfyNode):
     def execute(cls, model: Any, vae: Any, image: torch.Tensor, positive: Any, negative: Any, reference_index: int,
                 inversion_steps: int, inversion_cfg: float, offset: int, latent: dict | None = None) -> io.NodeOutput:
         label = checked_label(cls, locals())
-        if model_layout(model, label, dit=True).family == "flux":  # the pin with Flux's style patches is untested
-            raise InputError(label, "model", "a reference image on Flux is not supported yet",
-                             "Use the first image of the batch as the reference on Flux, or an SD1.x/SDXL/SD3.5 model.")
         if image.ndim != 4 or image.shape[0] != 1:
             raise InputError(label, "image", f"expected one image, got a batch of shape {tuple(image.shape)}",
                              "Pass a single image (ImageFromBatch picks one).")

@@ -1,4 +1,4 @@
-"""Style Reference Image on a flow model: the tiny SD3.5 in a real ComfyUI, Euler inversion and the pin by σ."""
+"""Style Reference Image on flow models (tiny SD3.5 and Flux.1) in a real ComfyUI: Euler inversion, the pin by σ."""
 
 from __future__ import annotations
 
@@ -159,7 +159,87 @@ def test_flux_dev_is_inverted_on_its_own_sigmas():
     torch.testing.assert_close(trajectory[-2], x + (sigmas[-2] - sigma) * (x - denoised) / sigma, atol=1e-4, rtol=1e-4)
 
 
-def test_a_reference_image_on_flux_is_refused_by_name_until_its_pin_is_tested():
-    with pytest.raises(InputError, match="MultiCond_StyleReference: input 'model': a reference image on Flux is not "
-                                         "supported yet"):
-        reference(tiny_flow.build_flux())
+FLUX_CFG = {"dev": 1.0, "schnell": 1.0}  # Flux.1 is distilled: cfg 1, dev's guidance rides on the prompt
+
+
+def flux_reference(model, **inputs):
+    values = {"reference_index": 1, "inversion_steps": 8, "inversion_cfg": 1.0, "offset": 2, **inputs}
+    return call(StyleReference, model=model, vae=tiny_flow.FixedLatentVAE(), image=IMAGE,
+                positive=tiny_dit.flux_conditioning(1), negative=tiny_dit.flux_conditioning(2), **values)[0]
+
+
+def flux_sample(model, variant: str, steps: int = 4, **inputs) -> torch.Tensor:
+    return tiny_flow.sample(model, steps=steps, cfg=FLUX_CFG[variant], positive=tiny_dit.flux_conditioning(1),
+                            negative=tiny_dit.flux_conditioning(2), **inputs)
+
+
+def spy_flux_inputs(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The latent the Flux model itself gets (a DIFFUSION_MODEL wrapper, inside the call stamp): x before packing."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(executor, x, timestep, *args, **kwargs):
+        seen.append((x.clone(), timestep.clone()))
+        return executor(x, timestep, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.flux_spy", spy)
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "simple"), ("dpmpp_2m", "beta")])
+def test_the_flux_reference_row_holds_the_inverted_latent_at_the_nearest_sigma(variant, sampler, scheduler):
+    """Flux.1 (cfg 1, dev with its distilled guidance): CONST sampling, so the pin feeds x_σ as is; the
+    16-channel latent is pinned unpacked (the model packs it 2x2 itself), and the model gets the pinned row."""
+    import comfy.model_sampling
+
+    model = tiny_dit.build_flux_weighted(variant)
+    sampling = model.get_model_object("model_sampling")
+    # dev: ModelSamplingFlux; schnell: ModelSamplingDiscreteFlow with shift 1 and multiplier 1; both CONST.
+    samplings = comfy.model_sampling
+    family = samplings.ModelSamplingFlux if variant == "dev" else samplings.ModelSamplingDiscreteFlow
+    assert isinstance(sampling, family) and isinstance(sampling, samplings.CONST) and is_flow(model)
+    pinned = flux_reference(model)
+    pin = pin_of(pinned)
+    assert pin.timesteps == [] and len(pin.sigmas) == 9 and pin.trajectory.shape == (9, 1, 16, HEIGHT, WIDTH)
+    styled = style_aligned(pinned)
+    seen = spy_reference_inputs(styled)
+    inside = spy_flux_inputs(styled)
+    out = flux_sample(styled, variant, sampler=sampler, scheduler=scheduler)
+    assert torch.isfinite(out).all() and len(seen) >= 4  # cfg 1: the cond chunk alone, every call
+    assert len(inside) == len(seen) and all(x.shape == (BATCH, 16, HEIGHT, WIDTH) for x, _ in inside)
+    for (latent, sigma), (x, _) in zip(seen, inside):
+        expected = pin.trajectory[pinned_step(nearest_step(sigma, pin.sigmas), pin.offset)][0]
+        torch.testing.assert_close(latent, expected, atol=0, rtol=0)  # fed as is: no (σ² + 1) scaling
+        torch.testing.assert_close(x[1], expected, atol=0, rtol=0)  # what Flux packs is the pinned latent
+    assert len({sigma for _, sigma in seen}) >= 3  # several σ: the pin follows the sampler
+    unpinned = flux_sample(style_aligned(model), variant, sampler=sampler, scheduler=scheduler)
+    assert (out[[0, 2]] - unpinned[[0, 2]]).abs().max() > 1e-3  # the targets follow the real reference
+
+
+def test_flux_with_cfg_pins_the_reference_row_of_both_chunks():
+    """Flux-dev at cfg > 1 (a negative prompt): the cond and uncond chunks each get the pinned reference row."""
+    model = tiny_dit.build_flux_weighted("dev")
+    pinned = flux_reference(model)
+    pin = pin_of(pinned)
+    styled = style_aligned(pinned)
+    seen = spy_reference_inputs(styled)
+    out = tiny_flow.sample(styled, steps=2, cfg=2.0, scheduler="simple", positive=tiny_dit.flux_conditioning(1),
+                           negative=tiny_dit.flux_conditioning(2))
+    assert torch.isfinite(out).all() and len(seen) == 4  # 2 steps x (cond, uncond)
+    for latent, sigma in seen:
+        expected = pin.trajectory[pinned_step(nearest_step(sigma, pin.sigmas), pin.offset)][0]
+        torch.testing.assert_close(latent, expected, atol=0, rtol=0)
+
+
+def test_the_flux_style_override_is_found_with_its_reference_index():
+    model = tiny_dit.build_flux_weighted("dev")
+    styled = style_aligned(model, reference_index=1)
+    options = styled.model_options["transformer_options"]
+    stages = style_stages(options)
+    assert type(options[OVERRIDE]).__name__ == "FluxStylePatch"
+    assert len(stages) == 2 and {stage.reference_index for stage in stages} == {1}
+    pinned = flux_reference(model)
+    with pytest.raises(InputError, match="MultiCond_StyleReference: input 'model': no Shared Attention"):
+        flux_sample(pinned, "dev", steps=1)
+    with pytest.raises(InputError, match="input 'reference_index': the image is pinned to row 1, but .* row 0"):
+        flux_sample(style_aligned(pinned, reference_index=0), "dev", steps=1)

@@ -35,13 +35,17 @@ class FixedLatentVAE:
 
 
 def sample(model: comfy.model_patcher.ModelPatcher, batch: int = 3, height: int = 16, width: int = 12, steps: int = 4,
-           cfg: float = 4.0, sampler: str = "euler", scheduler: str = "normal", seed: int = 42) -> torch.Tensor:
-    """`tiny_dit.sample` with any sampler and scheduler, inside inference_mode as ComfyUI's executor runs it."""
+           cfg: float = 4.0, sampler: str = "euler", scheduler: str = "normal", seed: int = 42,
+           positive: list | None = None, negative: list | None = None) -> torch.Tensor:
+    """`tiny_dit.sample` with any sampler and scheduler, inside inference_mode as ComfyUI's executor runs it
+    (prompts: the tiny SD3's unless given, e.g. `tiny_dit.flux_conditioning` for a Flux model)."""
     with torch.inference_mode():
         latent = torch.zeros(batch, LATENT_CHANNELS, height, width)
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, tiny_dit.conditioning(1),
-                                   tiny_dit.conditioning(2), latent, seed=seed, disable_pbar=True).clone()
+        positive = positive if positive is not None else tiny_dit.conditioning(1)
+        negative = negative if negative is not None else tiny_dit.conditioning(2)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed,
+                                   disable_pbar=True).clone()
 
 
 def build_flux(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
