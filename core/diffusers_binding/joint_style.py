@@ -36,6 +36,16 @@ def transformer_of(transformer_or_pipeline: Any, kind: type = SD3Transformer2DMo
     return transformer
 
 
+def check_install(transformer: Any, processor: type, args: Any, chunks: int, reference_index: int) -> None:
+    """What every DiT install refuses: a second install, a bad batch layout, the original's full-share mode."""
+    if any(isinstance(p, processor) for p in transformer.attn_processors.values()):
+        raise RuntimeError("StyleAligned is already installed on this transformer; remove() the first handle first")
+    if chunks < 1 or reference_index < 0:
+        raise ValueError(f"chunks must be >= 1 and reference_index >= 0, got {chunks} and {reference_index}")
+    if isinstance(args, StyleAlignedArgs) and args.full_attention_share:
+        raise ValueError("full_attention_share has no joint-attention form; use share_attention")
+
+
 def dit_layout(transformer: SD3Transformer2DModel) -> DiTLayout:
     """The joint attention layers of an SD3/SD3.5 transformer, checked against its own processors."""
     family = "sd35" if transformer.config.qk_norm else "sd3"
@@ -141,14 +151,9 @@ def install_style_aligned_dit(transformer_or_pipeline: Any, args: StyleAlignedAr
     transformer's `timestep` argument, 1000·σ.
     """
     transformer = transformer_of(transformer_or_pipeline)
-    if any(isinstance(p, JointStyleProcessor) for p in transformer.attn_processors.values()):
-        raise RuntimeError("StyleAligned is already installed on this transformer; remove() the first handle first")
-    if chunks < 1 or reference_index < 0:
-        raise ValueError(f"chunks must be >= 1 and reference_index >= 0, got {chunks} and {reference_index}")
+    check_install(transformer, JointStyleProcessor, args, chunks, reference_index)
     layout = dit_layout(transformer)
     if isinstance(args, StyleAlignedArgs):
-        if args.full_attention_share:
-            raise ValueError("full_attention_share has no joint-attention form; use share_attention")
         style = JointStyle(args.adain, args.share, True if isolate_reference is None else isolate_reference)
         chosen = layers if layers is not None else select_evenly_spaced(layout, args.only_self_level)
     else:

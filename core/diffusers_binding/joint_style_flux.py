@@ -34,7 +34,7 @@ from ..chunks import chunk_layout
 from ..joint_style import ImageSpan, JointStyle, joint_adain, shared_joint_attention
 from ..layers import DiTLayout, LayerSelection, select_blocks
 from ..style import AdaINSettings, ShareSettings, StyleAlignedArgs
-from .joint_style import JointStyleHandle, JointStyleProcessor, _normed, transformer_of
+from .joint_style import JointStyleHandle, JointStyleProcessor, _normed, check_install, transformer_of
 from .processor import call_argument
 
 ALIGNEDGEN_SCORE_SCALE = 1.1  # AlignedGen's style_lambda_mode="fix" (dit.md §4.1.4)
@@ -210,14 +210,9 @@ def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedA
     one call carries [uncond, cond]; the reference is row `reference_index` of each.
     """
     transformer = transformer_of(transformer_or_pipeline, FluxTransformer2DModel)
-    if any(isinstance(p, FluxStyleProcessor) for p in transformer.attn_processors.values()):
-        raise RuntimeError("StyleAligned is already installed on this transformer; remove() the first handle first")
-    if chunks < 1 or reference_index < 0:
-        raise ValueError(f"chunks must be >= 1 and reference_index >= 0, got {chunks} and {reference_index}")
+    check_install(transformer, FluxStyleProcessor, args, chunks, reference_index)
     layout = flux_layout(transformer)
     if isinstance(args, StyleAlignedArgs):
-        if args.full_attention_share:
-            raise ValueError("full_attention_share has no joint-attention form; use share_attention")
         if args.only_self_level:
             raise ValueError("only_self_level does not pick Flux layers; pass layers=select_evenly_spaced(...)")
         style = JointStyle(args.adain, args.share, True if isolate_reference is None else isolate_reference)
