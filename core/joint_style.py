@@ -66,17 +66,17 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     also attend to their own image keys a second time (CB35, the UNet original), which in joint attention
     lowers the weight of their text keys (dit.md §4.1.2).
 
-    `reference_keys` `(batch, image_tokens, heads*head_dim)`, when given, are the image keys the appended
-    copies use instead of `k`'s (only the reference rows are read): Flux re-rotates them at shifted
-    positions (AlignedGen, dit.md §4.1.4) while a row's own keys keep theirs.
+    `reference_keys` `(chunks, image_tokens, heads*head_dim)`, when given, are each chunk's reference image
+    keys for the appended copies instead of `k`'s: Flux re-rotates them at shifted positions (AlignedGen,
+    dit.md §4.1.4) while a row's own keys keep theirs; only the references' rows are ever needed.
     """
     if share.full_attention:
         raise ValueError("full_attention_share has no joint-attention form; share the reference's keys instead")
     start, stop = image
     tokens, image_tokens = q.shape[1], stop - start
-    expected = (q.shape[0], image_tokens, k.shape[-1])
+    expected = (layout.chunks, image_tokens, k.shape[-1])
     if reference_keys is not None and tuple(reference_keys.shape) != expected:
-        raise ValueError(f"reference_keys must be (batch, image tokens, width) = {expected}, "
+        raise ValueError(f"reference_keys must be (chunks, image tokens, width) = {expected}, "
                          f"got {tuple(reference_keys.shape)}")
     extended = layout.target_rows if isolate_reference else list(range(layout.batch))
     if not extended:
@@ -87,7 +87,7 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         out[plain] = sdpa_attention(q[plain], k[plain], v[plain], heads)
     rows = torch.tensor(extended, device=q.device)
     refs = layout.reference_of_row(q.device)[rows]
-    ref_k = k[refs, start:stop] if reference_keys is None else reference_keys[refs]
+    ref_k = k[refs, start:stop] if reference_keys is None else reference_keys[refs // layout.rows_per_chunk]
     ref_v = v[refs, start:stop]
     if share.score_scale != 1.0:
         # The original scales every appended copy but a reference's own (`expand_first`; CB35 likewise).

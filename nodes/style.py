@@ -431,7 +431,7 @@ def flux_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: 
     """AdaIN before RoPE, then attention with the reference's image K/V appended at shifted positions."""
     heads, (start, stop) = q.shape[1], call.image
     # Reference rows are never AdaIN'd: the call's own keys, shifted by R(Δ) before the AdaIN round trip.
-    reference_keys = flat(rotate(k[:, :, start:stop], call.shift)) if share is not None else None
+    reference_keys = flat(rotate(k[rows.reference_rows, :, start:stop], call.shift)) if share is not None else None
     q, k, v = adain_before_rope(q, k, v, pe, call.image, rows, adain)
     if share is None:
         return sdpa_attention(flat(q), flat(k), flat(v), heads)

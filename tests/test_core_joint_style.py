@@ -209,7 +209,7 @@ def test_reference_keys_replace_only_the_appended_copies(isolate):
     q, k, v = qkv(6, seed=8)
     layout = chunk_layout(2, 6, reference_index=1)
     start, stop = TEXT_FIRST
-    moved = torch.randn(6, IMAGE, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    moved = torch.randn(2, IMAGE, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)  # per chunk
     out = shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, ShareSettings(1.1, 0.2), isolate, moved)
     refs = layout.reference_of_row().tolist()
     bias = torch.cat([torch.zeros(TEXT + IMAGE), torch.full((IMAGE,), 0.2)]).double()
@@ -217,7 +217,7 @@ def test_reference_keys_replace_only_the_appended_copies(isolate):
         if isolate and row == ref:
             expected = explicit_row(q[row], k[row], v[row])
         else:
-            appended = moved[ref] * (1.0 if row == ref else 1.1)
+            appended = moved[ref // layout.rows_per_chunk] * (1.0 if row == ref else 1.1)
             expected = explicit_row(q[row], torch.cat([k[row], appended]), torch.cat([v[row], v[ref, start:stop]]),
                                     bias)
         torch.testing.assert_close(out[row], expected)
@@ -227,7 +227,7 @@ def test_reference_keys_equal_to_the_image_keys_change_nothing():
     q, k, v = qkv(4, seed=10, dtype=torch.float32)
     layout = chunk_layout(2, 4)
     share = ShareSettings(0.9, 0.1)
-    same = shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, share, True, k[:, TEXT:].clone())
+    same = shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, share, True, k[layout.reference_rows, TEXT:].clone())
     assert torch.equal(same, shared_joint_attention(q, k, v, HEADS, TEXT_FIRST, layout, share, True))
 
 

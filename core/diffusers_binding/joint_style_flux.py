@@ -180,12 +180,13 @@ class FluxStyleProcessor(JointStyleProcessor):
         if style.share is None:
             return sdpa_attention(q_rot, k_rot, v, heads)
         # Reference rows are never AdaIN'd, so their pre-RoPE keys are the ones to re-rotate either way.
-        reference_keys = self.reference_keys(k, image, heads) if rotary is not None else None
+        reference_keys = self.reference_keys(k[layout.reference_rows], image, heads) if rotary is not None else None
         return shared_joint_attention(q_rot, k_rot, v, heads, image, layout, style.share, style.isolate_reference,
                                       reference_keys)
 
     def reference_keys(self, k: torch.Tensor, image: ImageSpan, heads: int) -> torch.Tensor | None:
-        """The image keys rotated at the shifted positions; None keeps the reference's own (same positions)."""
+        """The references' image keys (`k` holds their rows only) rotated at the shifted positions; None keeps
+        their own (same positions)."""
         if not self.positions.shift_reference:
             return None
         table = self.clock.reference_rotary if self.clock is not None else None
