@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..chunks import chunk_layout
 from ..joint_style import JointStyle, joint_features, joint_style_attention
-from ..layers import DiTLayout, LayerId, LayerSelection, select_evenly_spaced
+from ..layers import DiTLayout, LayerId, LayerSelection, select_all, select_evenly_spaced
 from ..style import StyleAlignedArgs, allowed_adain, allowed_share
 from .handle import UNetHandle
 from .processor import call_argument
@@ -34,6 +34,15 @@ def transformer_of(transformer_or_pipeline: Any, kind: type = SD3Transformer2DMo
         raise TypeError(f"StyleAligned here needs a {kind.__name__} or a pipeline with one, "
                         f"got {type(transformer).__name__}")
     return transformer
+
+
+def install_processors(transformer: Any, processors: dict[str, Any]) -> JointStyleHandle:
+    """Put each processor on its attention (by path); the handle keeps the ones it replaced."""
+    handle = JointStyleHandle(transformer, {path: transformer.get_submodule(path).processor for path in processors},
+                              layers=list(processors))
+    for path, processor in processors.items():
+        transformer.get_submodule(path).set_processor(processor)
+    return handle
 
 
 def check_install(transformer: Any, processor: type, args: Any, chunks: int, reference_index: int) -> None:
@@ -158,16 +167,12 @@ def install_style_aligned_dit(transformer_or_pipeline: Any, args: StyleAlignedAr
         chosen = layers if layers is not None else select_evenly_spaced(layout, args.only_self_level)
     else:
         style = args if isolate_reference is None else replace(args, isolate_reference=isolate_reference)
-        chosen = layers if layers is not None else LayerSelection(layout.family, frozenset(layout.layers), "all")
+        chosen = layers if layers is not None else select_all(layout)
     chosen.check(layout, "install_style_aligned_dit")
     clock = FlowClock() if chosen.per_timestep else None
-    processors = {layout.diffusers_path(layer): JointStyleProcessor(style, chunks, reference_index, layer, chosen,
-                                                                    clock)
-                  for layer in layout.layers if layer in chosen.layers}
-    handle = JointStyleHandle(transformer, {path: transformer.get_submodule(path).processor for path in processors},
-                              layers=list(processors))
-    for path, processor in processors.items():
-        transformer.get_submodule(path).set_processor(processor)
+    handle = install_processors(transformer, {
+        layout.diffusers_path(layer): JointStyleProcessor(style, chunks, reference_index, layer, chosen, clock)
+        for layer in layout.layers if layer in chosen.layers})
     if clock is not None:
         handle.hooks.append(transformer.register_forward_pre_hook(clock.hook, with_kwargs=True))
     return handle

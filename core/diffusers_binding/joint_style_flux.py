@@ -34,7 +34,8 @@ from ..chunks import chunk_layout
 from ..joint_style import ImageSpan, JointStyle, joint_adain, shared_joint_attention
 from ..layers import DiTLayout, LayerSelection, select_blocks
 from ..style import AdaINSettings, ShareSettings, StyleAlignedArgs
-from .joint_style import JointStyleHandle, JointStyleProcessor, _normed, check_install, transformer_of
+from .joint_style import (JointStyleHandle, JointStyleProcessor, _normed, check_install, install_processors,
+                          transformer_of)
 from .processor import call_argument
 
 ALIGNEDGEN_SCORE_SCALE = 1.1  # AlignedGen's style_lambda_mode="fix" (dit.md §4.1.4)
@@ -222,12 +223,8 @@ def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedA
     chosen = layers if layers is not None else select_blocks(layout, ALIGNEDGEN_BLOCKS)
     chosen.check(layout, "install_style_aligned_flux")
     call = FluxCall(positions)
-    processors = {layout.diffusers_path(layer): FluxStyleProcessor(style, chunks, reference_index, layer, chosen, call,
-                                                                   positions)
-                  for layer in layout.layers if layer in chosen.layers}
-    handle = JointStyleHandle(transformer, {path: transformer.get_submodule(path).processor for path in processors},
-                              layers=list(processors))
-    for path, processor in processors.items():
-        transformer.get_submodule(path).set_processor(processor)
+    handle = install_processors(transformer, {
+        layout.diffusers_path(layer): FluxStyleProcessor(style, chunks, reference_index, layer, chosen, call, positions)
+        for layer in layout.layers if layer in chosen.layers})
     handle.hooks.append(transformer.register_forward_pre_hook(call.hook, with_kwargs=True))
     return handle
