@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -124,9 +125,17 @@ def test_help_answers_without_importing_torch_or_diffusers(checkout_path: Path) 
 def test_help_facts_match_the_library() -> None:
     """The values --help shows without importing the library are the library's."""
     from multicond.core import adapter, blend, inversion, spatial, style
-    from multicond.core.diffusers_binding import adapter_training, tiny
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from multicond.core.diffusers_binding import adapter_training, joint_style_flux, tiny
 
     assert cli.FAMILIES == tiny.FAMILIES and cli.TINY_IMAGE_SIZE == tiny.TINY_IMAGE_SIZE
+    assert (cli.DIT_FAMILIES, cli.TINY_T5_TOKENS) == (tiny.DIT_FAMILIES, tiny.TINY_T5_TOKENS)
+    assert cli.FLUX_SCORE_SCALE == joint_style_flux.ALIGNEDGEN_SCORE_SCALE
+    for family, pipeline in (("sd3", StableDiffusion3Pipeline), ("flux", FluxPipeline)):  # the pipelines' defaults
+        defaults = inspect.signature(pipeline.__call__).parameters
+        assert cli.DEFAULT_STEPS[family] == defaults["num_inference_steps"].default
+        assert cli.DEFAULT_CFG[family] == defaults["guidance_scale"].default
     assert (cli.INVERSION_GUIDANCE, cli.PIN_OFFSET) == (inversion.INVERSION_GUIDANCE, inversion.PIN_OFFSET)
     assert cli.STYLE_ALIGNED_DEFAULTS == dataclasses.asdict(style.StyleAlignedArgs())
     switches = [f.name for f in dataclasses.fields(style.StyleAlignedArgs) if f.type in (bool, "bool")]
@@ -148,6 +157,8 @@ def test_flags_give_the_library_defaults() -> None:
 
     parser = cli.build_parser("prog")
     assert cli.style_aligned_args(parser.parse_args(["style-aligned"])) == StyleAlignedArgs()
+    flux = cli.style_aligned_args(parser.parse_args(["style-aligned", "--family", "flux"]))
+    assert flux == StyleAlignedArgs(shared_score_scale=cli.FLUX_SCORE_SCALE)  # AlignedGen's lambda on Flux
     ns = parser.parse_args(["spatial", "--relation", "left of"])
     assert cli.spatial_settings(ns) == SpatialSettings()
 

@@ -6,8 +6,9 @@ DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_re
 `install_cross_attention_blend`, `generate_dual_style`), InfSplign spatial guidance
 (`generate_spatial`, `install_spatial_maps`, `object_tokens`), the Conditional Balance analysis that
 grades layers from an image series (`analyze_shard`, `merge_shards`, `grade_series`), StyleAligned
-on SD3/SD3.5 and Flux transformers (`install_style_aligned_dit`, `install_style_aligned_flux`), tiny
-random pipelines for tests and demos (`tiny_pipeline`), offline checkpoint loading (`load_checkpoint`)
+on SD3/SD3.5 and Flux transformers (`install_style_aligned_dit`, `install_style_aligned_flux`) with flow
+inversion and pinned sampling on their pipelines (`invert_flow_image`, `pin_flow_reference`, `generate_flow`),
+tiny random pipelines for tests and demos (`tiny_pipeline`, `tiny_dit_pipeline`), offline checkpoint loading (`load_checkpoint`)
 and the command line (`cli.main`, run as `python -m multicond`).
 
 The names below are imported from their modules on first use (PEP 562), so importing a submodule
@@ -29,13 +30,15 @@ _EXPORTS: dict[str, str] = {
                     "joint_style"),
     **dict.fromkeys(("ALIGNEDGEN_STYLE", "FluxCall", "FluxPositions", "FluxStyleProcessor", "flux_layout",
                      "install_style_aligned_flux"), "joint_style_flux"),
+    **dict.fromkeys(("FAMILY_DEFAULT", "encode_flow_image", "flow_sigmas", "flow_velocity", "generate_flow",
+                     "invert_flow_image", "invert_flow_latent", "pin_flow_reference"), "flow_pipeline"),
     **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",
                      "load_checkpoint", "pin_reference"), "pipeline"),
     **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
                      "infsplign_scheduler", "install_spatial_maps", "object_tokens"), "spatial"),
     **dict.fromkeys(("StyleAlignedHandle", "StyleAlignedProcessor", "install_style_aligned", "shared_layers",
                      "unet_layout"), "style_aligned"),
-    **dict.fromkeys(("load_pipeline", "tiny_pipeline", "tiny_unet"), "tiny"),
+    **dict.fromkeys(("load_pipeline", "tiny_dit_pipeline", "tiny_pipeline", "tiny_unet"), "tiny"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,9 @@ RANDOM_WEIGHTS_NOTICE = ("No --checkpoint given: using a tiny model with RANDOM 
 # Mirrors of library values, here because importing the library (torch, diffusers) takes seconds and
 # --help must not; tests/test_cli.py checks each against its source.
 FAMILIES: tuple[str, ...] = ("sd1", "sdxl")  # tiny.FAMILIES
+DIT_FAMILIES: tuple[str, ...] = ("sd3", "flux")  # tiny.DIT_FAMILIES
+TINY_T5_TOKENS = 64  # tiny.TINY_T5_TOKENS
+FLUX_SCORE_SCALE = 1.1  # joint_style_flux.ALIGNEDGEN_SCORE_SCALE
 TINY_IMAGE_SIZE = 64  # tiny.TINY_IMAGE_SIZE
 INVERSION_GUIDANCE = 2.0  # core.inversion.INVERSION_GUIDANCE
 PIN_OFFSET = 5  # core.inversion.PIN_OFFSET
@@ -100,13 +103,21 @@ def program() -> str:
 
 # ---------------------------------------------------------------- shared flags and helpers
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --family and --tokenizer: which model, and where a single file's tokenizer is."""
+def add_model_flags(parser: argparse.ArgumentParser, dits: bool = False) -> None:
+    """--checkpoint, --family and --tokenizer: which model, and where a single file's tokenizer is.
+
+    `dits`: the command also runs SD3/SD3.5 and Flux.1 (diffusers folders; tiny random DiTs without a checkpoint).
+    """
+    dit_text = ("; SD3/SD3.5 and Flux.1 as diffusers folders" if dits else "")
     parser.add_argument("--checkpoint",
-                        help="a diffusers model folder or an SD1.x/SDXL .safetensors/.ckpt file, loaded offline "
-                             "(default: a tiny model with random weights: it runs the pipeline, its images are noise)")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1",
-                        help="model family: sd1 (SD1.x/2.x) or sdxl; must match --checkpoint")
+                        help=f"a diffusers model folder or an SD1.x/SDXL .safetensors/.ckpt file{dit_text}, loaded "
+                             "offline (default: a tiny model with random weights: it runs the pipeline, its images "
+                             "are noise)")
+    families = FAMILIES + DIT_FAMILIES if dits else FAMILIES
+    parser.add_argument("--family", choices=families, default="sd1",
+                        help="model family: sd1 (SD1.x/2.x) or sdxl" + (", sd3 (SD3/SD3.5) or flux (Flux.1 dev, "
+                                                                         "schnell)" if dits else "")
+                             + "; must match --checkpoint")
     parser.add_argument("--tokenizer", type=Path,
                         help="folder with CLIP's vocab.json and merges.txt, for a single-file --checkpoint (default: "
                              "ComfyUI's comfy/sd1_tokenizer when the checkpoint is inside a ComfyUI install, else "
@@ -174,6 +185,10 @@ def load_model(ns: argparse.Namespace, device: str, seed: int) -> DiffusionPipel
     from .tiny import tiny_pipeline
 
     if ns.checkpoint is None:
+        if ns.family in DIT_FAMILIES:
+            from .tiny import tiny_dit_pipeline
+
+            return tiny_dit_pipeline(ns.family, seed).to(device)
         return tiny_pipeline(ns.family, seed).to(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
@@ -226,6 +241,11 @@ def slug(text: str, length: int = 40) -> str:
 
 # ---------------------------------------------------------------- style-aligned
 
+# Per family: the pipelines' defaults (SD3: StableDiffusion3Pipeline's 28 steps, CB35's count, and CFG 7;
+# Flux-dev: FluxPipeline's 28 steps and distilled guidance 3.5).
+DEFAULT_STEPS = {"sd1": 50, "sdxl": 50, "sd3": 28, "flux": 28}
+DEFAULT_CFG = {"sd1": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5}
+
 # The StyleAligned SDXL demo's example set.
 PAPER_PROMPTS = ("a toy train", "a toy airplane", "a toy bicycle", "a toy car")
 PAPER_STYLE = "macro photo. 3d game asset"
@@ -239,13 +259,17 @@ def _add_style_aligned_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
                            default=defaults[name], help=meaning)
     group.add_argument("--score-scale", dest="shared_score_scale", type=float,
-                       default=defaults["shared_score_scale"],
-                       help="multiply the reference keys seen by the other images")
+                       help=f"multiply the reference keys seen by the other images (default: "
+                            f"{defaults['shared_score_scale']:g}; {FLUX_SCORE_SCALE:g} on Flux, AlignedGen's)")
     group.add_argument("--score-shift", dest="shared_score_shift", type=float,
                        default=defaults["shared_score_shift"],
                        help="add to the logits of the reference keys; log 2 = 0.693 doubles their weight")
     group.add_argument("--only-self-level", dest="only_self_level", type=float, default=defaults["only_self_level"],
                        help="fraction of self-attention layers left unshared, evenly spaced")
+    group.add_argument("--blocks",
+                       help="SD3/Flux: the attention blocks that share, e.g. 'joint.10, joint.12' or 'double.3, "
+                            "single' (default: every joint block on SD3, the single-stream blocks on Flux as "
+                            "AlignedGen; --only-self-level thins SD3's)")
     group.add_argument("--plain", action="store_true", help="sample without StyleAligned, for comparison")
 
 
@@ -266,16 +290,21 @@ def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
                              "prompt's image is the reference)")
     parser.add_argument("--reference-prompt",
                         help="describes --reference-image; not styled (default: none; required with --reference-image)")
-    add_model_flags(parser)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1")
+    add_model_flags(parser, dits=True)
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']} DDIM steps; "
+                                                  f"{DEFAULT_STEPS['sd3']} Euler steps on SD3 and Flux)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale, > 1 on UNets (default: {DEFAULT_CFG['sd1']:g}; SD3 "
+                             f"{DEFAULT_CFG['sd3']:g}; Flux-dev: its distilled guidance, {DEFAULT_CFG['flux']:g})")
     parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
     parser.add_argument("--size", type=int,
                         help=f"image side in pixels, a multiple of 8 (default: the model's, 512 for SD1.5 and 1024 "
                              f"for SDXL; {TINY_IMAGE_SIZE} for the tiny model)")
     add_out_flag(parser, "style-aligned", "the PNGs")
     add_device_flag(parser)
-    parser.add_argument("--inversion-cfg", type=float, default=INVERSION_GUIDANCE, help="CFG of the DDIM inversion")
+    parser.add_argument("--inversion-cfg", type=float, default=INVERSION_GUIDANCE,
+                        help="CFG of the inversion (DDIM on UNets, Euler on SD3; Flux inverts at --cfg, its "
+                             "distilled guidance, having no uncond)")
     parser.add_argument("--pin-offset", type=int, default=PIN_OFFSET,
                         help="the reference starts this many inversion steps below the noisiest latent")
     _add_style_aligned_flags(parser)
@@ -283,9 +312,22 @@ def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def style_aligned_args(ns: argparse.Namespace) -> StyleAlignedArgs:
+    """The flags as `StyleAlignedArgs`; an unset --score-scale is the family's (Flux: AlignedGen's 1.1)."""
     from ..style import StyleAlignedArgs
 
-    return StyleAlignedArgs(**{name: getattr(ns, name) for name in StyleAlignedArgs.__dataclass_fields__})
+    values = {name: getattr(ns, name) for name in StyleAlignedArgs.__dataclass_fields__}
+    if values["shared_score_scale"] is None:
+        values["shared_score_scale"] = FLUX_SCORE_SCALE if ns.family == "flux" else \
+            STYLE_ALIGNED_DEFAULTS["shared_score_scale"]
+    return StyleAlignedArgs(**values)
+
+
+def family_defaults(ns: argparse.Namespace) -> None:
+    """Unset --steps and --cfg take the family's values."""
+    if ns.steps is None:
+        ns.steps = DEFAULT_STEPS[ns.family]
+    if ns.cfg is None:
+        ns.cfg = DEFAULT_CFG[ns.family]
 
 
 def styled(prompt: str, style: str) -> str:
@@ -300,14 +342,26 @@ def style_line(style: str) -> str:
 
 
 def _validate(ns: argparse.Namespace) -> None:
+    family_defaults(ns)
+    dit = ns.family in DIT_FAMILIES
     if ns.reference_image is not None and not ns.reference_prompt:
         fail(ns, "--reference-image needs --reference-prompt, a description of that image")
-    if ns.cfg <= 1:
+    if ns.cfg <= 1 and not dit:
         fail(ns, "--cfg must be > 1: StyleAligned shares within the [uncond, cond] halves of a CFG batch")
+    if ns.cfg <= 0:
+        fail(ns, "--cfg must be > 0")
+    if ns.blocks is not None and not dit:
+        fail(ns, "--blocks picks SD3/Flux attention blocks; on UNets thin the layers with --only-self-level")
+    if ns.family == "flux" and ns.only_self_level:
+        fail(ns, "--only-self-level does not pick Flux layers; name them with --blocks, e.g. --blocks 'single'")
+    if dit and ns.full_attention_share:
+        fail(ns, "--full-attention-share has no joint-attention form on SD3/Flux; use --share-attention")
     if ns.steps < 1 or (ns.reference_image is not None and not 0 <= ns.pin_offset < ns.steps):
         fail(ns, "--steps must be >= 1, and --pin-offset in 0..steps-1 with --reference-image")
     if ns.size is not None and ns.size % 8:
         fail(ns, "--size must be a multiple of 8")
+    if ns.family == "flux" and ns.size is not None and ns.size % 16:
+        fail(ns, "--size must be a multiple of 16 on Flux (it packs 2x2 latent pixels into a token)")
     check_checkpoint(ns)
 
 
@@ -322,28 +376,18 @@ def run_style_aligned(ns: argparse.Namespace) -> int:
         return _style_aligned(ns, device, reference)
 
 
-def _style_aligned(ns: argparse.Namespace, device: str, reference_image: Image.Image | None) -> int:
+def _reference_image(image: Image.Image, side: int) -> Image.Image:
     from PIL import Image
 
-    from .pipeline import generate, invert_image, pin_reference
-    from .style_aligned import shared_layers
+    return image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
 
+
+def _style_aligned(ns: argparse.Namespace, device: str, reference_image: Image.Image | None) -> int:
     pipe = load_model(ns, device, ns.seed)
-    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
-    args = None if ns.plain else style_aligned_args(ns)
-    prompts = [styled(p, ns.style) for p in ns.prompts]
-    reference = None
-    if reference_image is not None:
-        side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        image = reference_image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-        zts = invert_image(pipe, image, ns.reference_prompt, ns.steps, ns.inversion_cfg)
-        reference = pin_reference(zts, ns.pin_offset)
-        prompts = [ns.reference_prompt] + prompts
-    if args is not None:
-        print(f"StyleAligned on {len(shared_layers(pipe.unet, args.only_self_level))} of "
-              f"{len(shared_layers(pipe.unet, 0.0))} self-attention layers; reference: {prompts[0]!r}")
-    images = generate(pipe, prompts, args, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, height=size,
-                      width=size, reference=reference)
+    if ns.family in DIT_FAMILIES:
+        prompts, images = _style_aligned_flow(ns, pipe, reference_image)
+    else:
+        prompts, images = _style_aligned_unet(ns, pipe, reference_image)
     ns.out.mkdir(parents=True, exist_ok=True)
     for index, (prompt, image) in enumerate(zip(prompts, images)):
         role = "reference-" if index == 0 else ""
@@ -351,6 +395,78 @@ def _style_aligned(ns: argparse.Namespace, device: str, reference_image: Image.I
         image.save(path)
         print(path)
     return 0
+
+
+def _style_aligned_unet(ns: argparse.Namespace, pipe: DiffusionPipeline,
+                        reference_image: Image.Image | None) -> tuple[list[str], list[Image.Image]]:
+    from .pipeline import generate, invert_image, pin_reference
+    from .style_aligned import shared_layers
+
+    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+    args = None if ns.plain else style_aligned_args(ns)
+    prompts = [styled(p, ns.style) for p in ns.prompts]
+    reference = None
+    if reference_image is not None:
+        side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        zts = invert_image(pipe, _reference_image(reference_image, side), ns.reference_prompt, ns.steps,
+                           ns.inversion_cfg)
+        reference = pin_reference(zts, ns.pin_offset)
+        prompts = [ns.reference_prompt] + prompts
+    if args is not None:
+        print(f"StyleAligned on {len(shared_layers(pipe.unet, args.only_self_level))} of "
+              f"{len(shared_layers(pipe.unet, 0.0))} self-attention layers; reference: {prompts[0]!r}")
+    return prompts, generate(pipe, prompts, args, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, height=size,
+                             width=size, reference=reference)
+
+
+def _style_aligned_flow(ns: argparse.Namespace, pipe: DiffusionPipeline,
+                        reference_image: Image.Image | None) -> tuple[list[str], list[Image.Image]]:
+    """SD3/SD3.5 and Flux: the joint-attention StyleAligned, a reference image inverted by Euler up the flow ODE."""
+    from ..errors import InputError
+    from .flow_pipeline import default_flow_size, generate_flow, invert_flow_image, pin_flow_reference
+
+    size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else default_flow_size(pipe))
+    text = {"max_sequence_length": TINY_T5_TOKENS} if ns.checkpoint is None else {}  # the tiny T5's length
+    prompts = [styled(p, ns.style) for p in ns.prompts]
+    args = None if ns.plain else style_aligned_args(ns)
+    try:
+        layers, total = _flow_layers(pipe, ns.blocks, args)
+    except InputError as error:
+        fail(ns, input_error_message(error))
+    reference = None
+    if reference_image is not None:
+        guidance = ns.cfg if ns.family == "flux" else ns.inversion_cfg
+        zts = invert_flow_image(pipe, _reference_image(reference_image, size), ns.reference_prompt, ns.steps,
+                                guidance, **text)
+        reference = pin_flow_reference(pipe, zts, ns.pin_offset)
+        prompts = [ns.reference_prompt] + prompts
+    if args is not None:
+        if args.share_group_norm:
+            print("note: --share-group-norm has no counterpart on SD3/Flux (they have no GroupNorm): not applied")
+        print(f"StyleAligned on {len(layers.layers)} of {total} attention layers ({layers.label}); "
+              f"reference: {prompts[0]!r}")
+    images = generate_flow(pipe, prompts, args, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, height=size,
+                           width=size, reference=reference, layers=layers, **text)
+    return prompts, images
+
+
+def _flow_layers(pipe: DiffusionPipeline, blocks: str | None, args: StyleAlignedArgs | None) -> tuple[Any, int]:
+    """The attention layers that share, and how many the transformer has: --blocks parsed against its own layout
+    (SD3 joint blocks; Flux double and single blocks), else the family's default."""
+    from ..layers import select_blocks, select_evenly_spaced
+    from .flow_pipeline import flow_family
+    from .joint_style import dit_layout
+    from .joint_style_flux import ALIGNEDGEN_BLOCKS, flux_layout
+
+    flux = flow_family(pipe) == "flux"
+    layout = flux_layout(pipe.transformer) if flux else dit_layout(pipe.transformer)
+    if blocks is not None:
+        chosen = select_blocks(layout, blocks, "style-aligned", "--blocks")
+    elif flux:
+        chosen = select_blocks(layout, ALIGNEDGEN_BLOCKS)
+    else:
+        chosen = select_evenly_spaced(layout, args.only_self_level if args is not None else 0.0)
+    return chosen, len(layout.layers)
 
 
 # ---------------------------------------------------------------- dual-style

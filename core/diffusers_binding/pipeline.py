@@ -215,6 +215,13 @@ KIND_KEYS: tuple[tuple[str, str], ...] = (
     ("SD1", "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"),
 )
 KIND_FAMILY = {"SD1": "sd1", "SDXL": "sdxl"}
+# DiT single files (all-in-one or transformer-only): recognised, to say that their diffusers folder loads.
+DIT_KEY_ENDINGS: tuple[tuple[str, str], ...] = (("SD3/SD3.5", "joint_blocks.0.x_block.attn.qkv.weight"),
+                                                ("Flux.1", "double_blocks.0.img_attn.qkv.weight"))
+# A diffusers folder's pipeline class → --family.
+PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd1", "StableDiffusionXLPipeline": "sdxl",
+                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLOW_FAMILIES = ("sd3", "flux")
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 LATENT_CHANNELS = 4
 
@@ -226,7 +233,10 @@ def checkpoint_kind(shapes: Shapes) -> str:
     conv_in = shapes.get(UNET_INPUT)
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != LATENT_CHANNELS:
         return f"{conv_in[1]}-channel (inpainting or other) UNet"
-    return next((kind for kind, key in KIND_KEYS if key in shapes), "unknown")
+    found = next((kind for kind, key in KIND_KEYS if key in shapes), None)
+    if found is not None:
+        return found
+    return next((kind for kind, ending in DIT_KEY_ENDINGS if any(key.endswith(ending) for key in shapes)), "unknown")
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -311,6 +321,9 @@ def single_file_family(path: Path, family: str) -> str:
     """`family` after checking the file holds that kind of model (a one-line `InputError` if not)."""
     kind = checkpoint_kind(readable_shapes(path))
     found = KIND_FAMILY.get(kind)
+    if kind in dict(DIT_KEY_ENDINGS):
+        raise InputError(LOADER, "--checkpoint", f"{path} holds an {kind} model as a single file",
+                         "For SD3/SD3.5 and Flux.1 give the diffusers model folder (the one with model_index.json)")
     if found is None:
         raise InputError(LOADER, "--checkpoint", f"{path}: not an SD1.x or SDXL base checkpoint (its keys say: {kind})",
                          "Single files load for those two; for another model give its diffusers folder")
@@ -349,19 +362,24 @@ def load_single_file(path: Path, family: str, dtype: torch.dtype = torch.float32
 
 
 def folder_family(path: Path) -> str:
-    """sd1 or sdxl, from a diffusers model folder's model_index.json (a one-line `InputError` if it has none)."""
+    """sd1, sdxl, sd3 or flux from a diffusers model folder's model_index.json (a one-line `InputError` if it has
+    none, or another pipeline's)."""
     try:
         name = json.loads((path / "model_index.json").read_text("utf-8"))["_class_name"]
     except (OSError, ValueError, KeyError) as error:
         raise InputError(LOADER, "--checkpoint", f"{path}: not a diffusers model folder ({_first_line(error)})",
                          "Give the folder that holds model_index.json, or a .safetensors/.ckpt file") from error
-    return "sdxl" if "XL" in name else "sd1"
+    if name not in PIPELINE_FAMILY:
+        raise InputError(LOADER, "--checkpoint", f"{path} holds a {name}",
+                         "Give an SD1.x/SD2, SDXL, SD3/SD3.5 or Flux.1 text-to-image model")
+    return PIPELINE_FAMILY[name]
 
 
 def load_checkpoint(checkpoint: str | Path, family: str = "sd1", device: str = "cpu",
                     dtype: torch.dtype = torch.float32, tokenizer: Path | None = None,
                     configs: Path | None = None) -> DiffusionPipeline:
-    """A pipeline from a diffusers folder or a single file, offline, with the DDIM scheduler StyleAligned uses.
+    """A pipeline from a diffusers folder or a single file, offline, with the DDIM scheduler StyleAligned uses
+    (SD3/SD3.5 and Flux, diffusers folders only: their own flow-matching scheduler).
 
     Problems with the input (a missing or unreadable file, another model family, no tokenizer) raise
     `InputError` with a one-line message naming the flag and the fix.
@@ -378,8 +396,7 @@ def load_checkpoint(checkpoint: str | Path, family: str = "sd1", device: str = "
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     else:
         pipe = load_single_file(path, family, dtype, tokenizer, configs)
-    if not hasattr(pipe, "unet"):
-        raise InputError(LOADER, "--checkpoint", f"{path}: {type(pipe).__name__} has no UNet",
-                         "Use an SD1.x/SD2/SDXL checkpoint")
+    if family in FLOW_FAMILIES:
+        return pipe.to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     return pipe.to(device)
