@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .layers import DIT_FAMILIES, SDXL, DiTLayout, LayerId, LayerSelection, ModelLayout
+from .layers import DIT_FAMILIES, SDXL, DiTLayout, LayerId, LayerSelection, ModelLayout, describe_blocks
 from .style import ADAIN_EPS, token_mean_std
 
 FEATURES = ("q", "k", "v")
@@ -248,8 +248,8 @@ def check_grading(grading: Grading, layout: ModelLayout, node: str, input_name: 
     """Refuse a grading made for another family or layer table than the model's."""
     dit = layout.family in DIT_FAMILIES
     if grading.family != layout.family:
-        hint = ("CB35's gradingSd35L is for SD3.5-Large; there is none published for SD3-Medium or Flux"
-                if dit else "the published Conditional Balance UNet gradings are SDXL-only")
+        hint = ("CB35's gradingSd35L is for SD3.5-Large; for SD3/SD3.5-Medium or Flux make one with the pack's "
+                "`analyze --family sd3|flux`" if dit else "the published Conditional Balance UNet gradings are SDXL-only")
         raise InputError(node, input_name,
                          f"the grading {grading.name!r} is for {grading.family} but the model is {layout.family}",
                          f"Use a grading made for {layout.family} ({hint}).")
@@ -259,14 +259,17 @@ def check_grading(grading: Grading, layout: ModelLayout, node: str, input_name: 
                          _size_fix(layout))
     if isinstance(layout, DiTLayout) and len(grading.layers) != len(layout.layers):
         # A DiT grading ranks all its blocks against each other: a subset would not be CB35's choice.
-        raise InputError(node, input_name, f"the grading {grading.name!r} grades {len(grading.layers)} joint layers "
+        raise InputError(node, input_name, f"the grading {grading.name!r} grades {len(grading.layers)} attention layers "
                          f"but the model has {len(layout.layers)}", _size_fix(layout))
 
 
 def _size_fix(layout: ModelLayout) -> str:
+    if isinstance(layout, DiTLayout) and layout.family == "flux":
+        return (f"Use a grading of this model's {describe_blocks(layout)} (none is published for Flux: make one with "
+                "the pack's `analyze --family flux`).")
     if isinstance(layout, DiTLayout):
-        return ("Use a grading of this model's joint blocks (CB35's gradingSd35L grades SD3.5-Large's 38; "
-                "none is published for SD3.5-Medium).")
+        return ("Use a grading of this model's joint blocks (CB35's gradingSd35L grades SD3.5-Large's 38; for "
+                "SD3.5-Medium make one with the pack's `analyze --family sd3`).")
     return "Use a grading computed on this model's architecture."
 
 

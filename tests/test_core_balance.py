@@ -426,7 +426,7 @@ def test_cb35_grading_on_another_model_is_refused(layout, match: str) -> None:
 
 def test_a_dit_grading_must_grade_every_joint_layer() -> None:
     two = Grading("sd35", SD35_LARGE.layers[:2], (1000,), {f: torch.zeros(1, 2) for f in "qk"}, "two")
-    with pytest.raises(InputError, match="grades 2 joint layers but the model has 38"):
+    with pytest.raises(InputError, match="grades 2 attention layers but the model has 38"):
         check_grading(two, SD35_LARGE, "LayerBalance")
     check_grading(two, DiTLayout("sd35", joint=2), "LayerBalance")
     sdxl = _random_grading()

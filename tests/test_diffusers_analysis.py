@@ -10,14 +10,23 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from multicond.core.balance import FEATURES, graded_selection, load_grading, save_grading, token_statistics
-from multicond.core.diffusers_binding import tiny_pipeline
+from diffusers import FluxPipeline
+
+from multicond.core.balance import (FEATURES, check_grading, graded_selection, load_grading, save_grading,
+                                    token_statistics)
+from multicond.core.diffusers_binding import tiny_dit_pipeline, tiny_pipeline
 from multicond.core.diffusers_binding.analysis import (ProjectionRecorder, Series, SeriesStats, analyze_shard,
                                                        grade_series, job_seed, load_series, load_stats, merge_shards,
                                                        save_stats, shard_jobs)
 from multicond.core.diffusers_binding.cli import main
+from multicond.core.diffusers_binding.flow_pipeline import flow_sigmas
+from multicond.core.diffusers_binding.joint_style import JointStyleProcessor, _normed, dit_layout
+from multicond.core.diffusers_binding.joint_style_flux import FluxPositions, FluxStyleProcessor, flux_layout
 from multicond.core.diffusers_binding.style_aligned import StyleAlignedProcessor
-from multicond.core.layers import LayerId
+from multicond.core.diffusers_binding.tiny import TINY_T5_TOKENS
+from multicond.core.errors import InputError
+from multicond.core.joint_style import JointStyle
+from multicond.core.layers import DiTLayout, LayerId
 from multicond.core.style import AdaINSettings, ShareSettings
 
 from .conftest import assert_close_scaled
@@ -126,3 +135,75 @@ def test_analyze_refuses_a_launch_accelerate_did_not_distribute(tmp_path: Path, 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it, while accelerate itself sees one process
     assert main(["analyze", "--series", str(series), "--steps", "2", "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out" / "grading.safetensors").exists()
+
+
+# ---------------------------------------------------------------- SD3/SD3.5 and Flux
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def dit_pipe(request: pytest.FixtureRequest):
+    return tiny_dit_pipeline(request.param)
+
+
+def test_a_dit_grading_covers_every_joint_attention_at_the_pipelines_timesteps(dit_pipe, tmp_path: Path) -> None:
+    """Keys are int(1000·σ) of the steps sampled (CB35's keying), layers every joint attention of the model; the
+    grading fits its own family's layout and no other."""
+    stats = analyze_shard(dit_pipe, SERIES, steps=STEPS, guidance_scale=3.0, size=64,
+                          max_sequence_length=TINY_T5_TOKENS)
+    grading = load_grading(save_grading(grade_series(stats, "tiny-dit"), tmp_path / "g.safetensors"))
+    flux = isinstance(dit_pipe, FluxPipeline)
+    layout = flux_layout(dit_pipe.transformer) if flux else dit_layout(dit_pipe.transformer)
+    assert grading.family == ("flux" if flux else "sd35") and grading.layers == tuple(layout.layers)
+    assert grading.timesteps == tuple(int(1000 * s + 1e-3) for s in flow_sigmas(dit_pipe, STEPS, 64, 64))
+    assert all(torch.isfinite(grading.grades[f]).all() for f in FEATURES)
+    check_grading(grading, layout, "LayerBalance")
+    other = DiTLayout("sd35", joint=2) if flux else DiTLayout("flux", double=2, single=2)
+    with pytest.raises(InputError, match="is for"):
+        check_grading(grading, other, "LayerBalance")
+
+
+def dit_attention_call(pipe, observe):
+    """One styled call of the first joint attention on 2 rows (reference, target) with `observe` set."""
+    flux = isinstance(pipe, FluxPipeline)
+    generator = torch.Generator().manual_seed(0)
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    hidden, text = torch.randn(2, 12, width, generator=generator), torch.randn(2, 5, width, generator=generator)
+    block = pipe.transformer.transformer_blocks[0]
+    style = JointStyle(AdaINSettings(), ShareSettings(), isolate_reference=True)
+    if flux:
+        processor = FluxStyleProcessor(style, 1, 0, LayerId("double", 0), positions=FluxPositions(shift_reference=False),
+                                       observe=observe)
+    else:
+        processor = JointStyleProcessor(style, 1, 0, LayerId("joint", 0), observe=observe)
+    with torch.no_grad():
+        processor(block.attn, hidden, text)
+    return block.attn, hidden
+
+
+def test_dit_statistics_are_the_target_image_tokens_q_k_v_after_qk_norm(dit_pipe) -> None:
+    """What the analysis records: the target row's image tokens only (no text, no reference), q and k after
+    qk-norm and before RoPE, v as projected."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    attn, hidden = dit_attention_call(dit_pipe, ProjectionRecorder(lambda layer, f, m, s: seen.setdefault(f, (m, s))))
+    heads = attn.heads
+    target = hidden[1:]
+    with torch.no_grad():
+        expected = {"q": _normed(attn.norm_q, attn.to_q(target), heads),
+                    "k": _normed(attn.norm_k, attn.to_k(target), heads), "v": attn.to_v(target)}
+    for feature in FEATURES:
+        mean, std = token_statistics(expected[feature])
+        assert_close_scaled(seen[feature][0], mean.flatten())
+        assert_close_scaled(seen[feature][1], std.flatten())
+
+
+def test_analyze_grades_a_dit_from_the_command_line(tmp_path: Path) -> None:
+    series = tmp_path / "series.json"
+    series.write_text(json.dumps({"reference_prompt": "a house", "content_prompt": "a cat",
+                                  "styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 2}))
+    assert main(["analyze", "--family", "flux", "--series", str(series), "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    grading = load_grading(tmp_path / "out" / "grading.safetensors")
+    assert grading.family == "flux" and [str(layer) for layer in grading.layers] == ["double.0", "double.1",
+                                                                                     "single.0", "single.1"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "grading.png").size == (2 * 8, 4 * 8)

@@ -6,6 +6,10 @@ layer and at every UNet timestep, `ProjectionRecorder` stores the target image's
 of the projected q, k, v before AdaIN, the reference rows of both CFG halves dropped and the
 halves concatenated (the original's `save_mean_std`). Statistics are per image, so shards of the
 series (`analyze_shard`) merge by union (`merge_shards`) and grade exactly as one run (`grade_series`).
+
+SD3/SD3.5 and Flux pipelines are graded the same way over every joint attention (Flux: double and single
+blocks), from the image tokens only (text is not styled): q and k after qk-norm (Flux: before RoPE, where
+AlignedGen's AdaIN acts) and v, keyed by int(1000·σ) as CB35's SD3.5-Large grading is (dit.md §4.2).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from ..balance import FEATURES, Grading, grade, token_statistics
 from ..chunks import ChunkLayout
 from ..layers import LayerId
 from ..style import StyleAlignedArgs
+from ..layers import select_all
+from .flow_pipeline import flow_family, generate_flow, install_flow_style
+from .joint_style import FlowClock, dit_layout
+from .joint_style_flux import flux_layout
 from .pipeline import generate
 from .style_aligned import StepClock, install_style_aligned, unet_family, unet_layout
 
@@ -113,15 +121,21 @@ class ProjectionRecorder:
                 self.sink(layer, feature, *target_statistics(projected, layout.target_rows))
 
 
+def timestep_key(timestep: float) -> int:
+    """int(t), as the gradings are keyed (CB35: int of 1000·σ); a Flux σ = t/1000 in float32 times 1000 lands a
+    hair under t, hence the slack."""
+    return int(timestep + 1e-3)
+
+
 @dataclass
 class StatsRecorder:
     """Per UNet timestep (from the clock), per (layer, feature): one image's mean and std."""
 
-    clock: StepClock
+    clock: StepClock | FlowClock
     steps: dict[int, dict[tuple[LayerId, str], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     def __call__(self, layer: LayerId, feature: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.steps.setdefault(int(self.clock.timestep), {})[(layer, feature)] = (mean.cpu(), std.cpu())
+        self.steps.setdefault(timestep_key(self.clock.timestep), {})[(layer, feature)] = (mean.cpu(), std.cpu())
 
     def take(self, layers: Sequence[LayerId]) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
         """The recorded timesteps (call order) and tensors `<layer>/<feature>/<mean|std>` of shape (T, D); resets."""
@@ -158,32 +172,75 @@ def shard_jobs(jobs: Sequence[tuple[int, int]], index: int, count: int) -> list[
     return list(jobs[start:start + base + (index < extra)])
 
 
-def analyze_jobs(pipe: DiffusionPipeline, series: Series, jobs: Iterable[tuple[int, int]], *, steps: int = 50,
-                 guidance_scale: float = 5.0, seed: int = 10, size: int | None = None,
-                 args: StyleAlignedArgs = ANALYSIS_ARGS, progress: Callable[[], None] | None = None) -> SeriesStats:
-    """Generate the given (style, sample) jobs with StyleAligned and record their statistics."""
+@dataclass
+class Recording:
+    """StyleAligned installed for the analysis: the model, its family, the handle, the clock and the sampler."""
+
+    model: torch.nn.Module
+    family: str
+    layout: Any
+    handle: Any
+    clock: StepClock | FlowClock
+    sample: Callable[[list[str], int], Any]
+
+
+def _record_unet(pipe: DiffusionPipeline, args: StyleAlignedArgs, steps: int, guidance_scale: float,
+                 size: int | None, pipeline_kwargs: dict[str, Any]) -> Recording:
     if guidance_scale <= 1:
         raise ValueError("the analysis needs classifier-free guidance (guidance_scale > 1): rows are CFG halves")
-    layout = unet_layout(pipe.unet)
     clock = StepClock()
-    recorder = StatsRecorder(clock)
+    handle = install_style_aligned(pipe, args)
+    handle.hooks.append(pipe.unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
+
+    def sample(prompts: list[str], seed: int) -> Any:  # args=None: StyleAligned is installed; generate only samples
+        return generate(pipe, prompts, None, steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
+                        width=size, output_type="latent", **pipeline_kwargs)
+
+    return Recording(pipe.unet, unet_family(pipe.unet), unet_layout(pipe.unet), handle, clock, sample)
+
+
+def _record_flow(pipe: DiffusionPipeline, args: StyleAlignedArgs, steps: int, guidance_scale: float,
+                 size: int | None, pipeline_kwargs: dict[str, Any]) -> Recording:
+    transformer = pipe.transformer
+    flux = flow_family(pipe) == "flux"
+    layout = flux_layout(transformer) if flux else dit_layout(transformer)
+    clock = FlowClock(scale=1000.0 if flux else 1.0)  # Flux's transformer takes σ, SD3's 1000·σ
+    handle = install_flow_style(pipe, args, guidance_scale, select_all(layout))
+    handle.hooks.append(transformer.register_forward_pre_hook(clock.hook, with_kwargs=True))
+
+    def sample(prompts: list[str], seed: int) -> Any:
+        return generate_flow(pipe, prompts, None, steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
+                             width=size, output_type="latent", **pipeline_kwargs)
+
+    return Recording(transformer, layout.family, layout, handle, clock, sample)
+
+
+def analyze_jobs(pipe: DiffusionPipeline, series: Series, jobs: Iterable[tuple[int, int]], *, steps: int = 50,
+                 guidance_scale: float = 5.0, seed: int = 10, size: int | None = None,
+                 args: StyleAlignedArgs = ANALYSIS_ARGS, progress: Callable[[], None] | None = None,
+                 **pipeline_kwargs: Any) -> SeriesStats:
+    """Generate the given (style, sample) jobs with StyleAligned and record their statistics.
+
+    UNet pipelines record every shared attn1 layer and need CFG (> 1); SD3/SD3.5 and Flux pipelines every joint
+    attention (SD3 under CFG or not; Flux-dev's `guidance_scale` is its distilled guidance).
+    """
+    record = _record_flow if flow_family(pipe) is not None else _record_unet
+    recording = record(pipe, args, steps, guidance_scale, size, pipeline_kwargs)
+    recorder = StatsRecorder(recording.clock)
     images: dict[int, dict[str, torch.Tensor]] = {}
     timesteps: tuple[int, ...] = ()
-    with install_style_aligned(pipe, args) as handle:
-        handle.hooks.append(pipe.unet.register_forward_pre_hook(clock.hook, with_kwargs=True))
-        paths = {layout.diffusers_path(layer): layer for layer in layout.layers}
+    with recording.handle as handle:
+        paths = {recording.layout.diffusers_path(layer): layer for layer in recording.layout.layers}
         for path in handle.layers:  # each installed StyleAligned processor reports its projections
-            module = pipe.unet.get_submodule(path)
+            module = recording.model.get_submodule(path)
             module.set_processor(replace(module.processor, layer=paths[path], observe=ProjectionRecorder(recorder)))
         shared = tuple(paths[path] for path in handle.layers)
         for style, sample in jobs:
-            # args=None: StyleAligned is installed above; generate only samples.
-            generate(pipe, series.prompts(style), None, steps=steps, guidance_scale=guidance_scale,
-                     seed=job_seed(seed, style, sample), height=size, width=size, output_type="latent")
+            recording.sample(series.prompts(style), job_seed(seed, style, sample))
             timesteps, images[series.image_index(style, sample)] = recorder.take(shared)
             if progress is not None:
                 progress()
-    return SeriesStats(unet_family(pipe.unet), shared, timesteps, series, images)
+    return SeriesStats(recording.family, shared, timesteps, series, images)
 
 
 def analyze_shard(pipe: DiffusionPipeline, series: Series, index: int = 0, count: int = 1,

@@ -764,6 +764,7 @@ def _spatial(ns: argparse.Namespace, device: str) -> int:
 
 # ---------------------------------------------------------------- analyze
 
+ANALYZE_CFG = {**DEFAULT_CFG, "sd1": 5.0, "sdxl": 5.0}  # UNets: the analysis repository's CFG
 SERIES_EXAMPLE = ('{"reference_prompt": "a dark brown rabbit", "content_prompt": "a dark brown rabbit", '
                   '"styles": ["in Van Gogh style", "in Monet style"], "samples_per_style": 5}')
 
@@ -773,13 +774,18 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
                                  help="a Conditional Balance layer grading from a StyleAligned image series",
                                  formatter_class=HelpFormatter,
                                  description="Generate styles x samples StyleAligned images, record every shared "
-                                             "self-attention layer's q/k/v statistics and grade the layers (JSD). "
+                                             "self-attention layer's q/k/v statistics (SD3/Flux: every joint "
+                                             "attention's, image tokens only) and grade the layers (JSD). "
                                              "Under `accelerate launch` the jobs are split across processes.")
     parser.add_argument("--series", type=Path, required=True,
                         help=f"JSON file describing the series, e.g. {SERIES_EXAMPLE}")
-    add_model_flags(parser)
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale, > 1")
+    add_model_flags(parser, dits=True)
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']}; "
+                                                  f"{DEFAULT_STEPS['sd3']} on SD3 and Flux)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale, > 1 on UNets (default: {ANALYZE_CFG['sd1']:g}, the "
+                             f"analysis repository's; SD3 {ANALYZE_CFG['sd3']:g}; Flux-dev: its distilled guidance, "
+                             f"{ANALYZE_CFG['flux']:g})")
     parser.add_argument("--seed", type=int, default=10, help="sample j of every style starts from seed + 2j")
     parser.add_argument("--no-adain-values", dest="adain_values", action="store_false",
                         help="AdaIN on q and k only (the paper's geometry series); default: q, k and v (texture)")
@@ -801,8 +807,12 @@ def _series_or_exit(ns: argparse.Namespace) -> Series:
 
 def run_analyze(ns: argparse.Namespace) -> int:
     series = _series_or_exit(ns)
-    if ns.cfg <= 1 or ns.steps < 1 or (ns.size is not None and ns.size % 8):
-        fail(ns, "--cfg must be > 1, --steps >= 1 and --size a multiple of 8")
+    ns.steps = DEFAULT_STEPS[ns.family] if ns.steps is None else ns.steps
+    ns.cfg = ANALYZE_CFG[ns.family] if ns.cfg is None else ns.cfg
+    size_step = 16 if ns.family == "flux" else 8  # Flux packs 2x2 latent pixels into a token
+    if (ns.cfg <= 1 and ns.family in FAMILIES) or ns.cfg <= 0 or ns.steps < 1 or (ns.size is not None
+                                                                                   and ns.size % size_step):
+        fail(ns, f"--cfg must be > 1 (on SD3/Flux > 0), --steps >= 1 and --size a multiple of {size_step}")
     check_checkpoint(ns)
     from accelerate import PartialState  # imported here: only this command shards
 
@@ -836,10 +846,11 @@ def _analyze_shard(ns: argparse.Namespace, series: Series, state: PartialState, 
     pipe.set_progress_bar_config(disable=True)
     args = StyleAlignedArgs(share_group_norm=False, share_layer_norm=False, adain_values=ns.adain_values)
     size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
+    text = {"max_sequence_length": TINY_T5_TOKENS} if ns.checkpoint is None and ns.family in DIT_FAMILIES else {}
     with state.split_between_processes(series.jobs) as jobs, \
             tqdm(total=len(jobs), desc=f"analyze [{state.process_index}]", position=state.process_index) as bar:
         stats = analyze_jobs(pipe, series, jobs, steps=ns.steps, guidance_scale=ns.cfg, seed=ns.seed, size=size,
-                             args=args, progress=bar.update)
+                             args=args, progress=bar.update, **text)
     save_stats(stats, ns.out / f"stats-shard{state.process_index}.safetensors")
 
 

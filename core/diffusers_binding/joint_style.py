@@ -22,6 +22,7 @@ from ..layers import DiTLayout, LayerId, LayerSelection, select_all, select_even
 from ..style import StyleAlignedArgs, allowed_adain, allowed_share
 from .handle import UNetHandle
 from .processor import call_argument
+from .style_aligned import Observer
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
 TIMESTEP_ARG = 3  # SD3Transformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)
@@ -68,13 +69,16 @@ def dit_layout(transformer: SD3Transformer2DModel) -> DiTLayout:
 
 @dataclass
 class FlowClock:
-    """The transformer call's timestep (1000·σ in diffusers SD3), written by a forward pre-hook."""
+    """The transformer call's timestep as 1000·σ, written by a forward pre-hook; `scale` 1000 for a transformer
+    that takes σ itself (Flux), 1 for one that takes 1000·σ (SD3)."""
 
     timestep: float = 0.0
+    scale: float = 1.0
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         timestep = call_argument(args, kwargs, TIMESTEP_ARG, "timestep")
-        self.timestep = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        self.timestep = self.scale * value
 
 
 def _normed(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -100,6 +104,7 @@ class JointStyleProcessor:
     layer: LayerId | None = None
     selection: LayerSelection | None = None
     clock: FlowClock | None = None
+    observe: Observer | None = None  # sees the image tokens' q, k (after qk-norm), v before AdaIN (the analysis)
 
     def settings(self) -> JointStyle:
         if self.selection is None or not self.selection.per_timestep:
@@ -123,6 +128,9 @@ class JointStyleProcessor:
         value = torch.cat([attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states)], dim=1)
         style = self.settings()
         layout = chunk_layout(self.chunks, query.shape[0], self.reference_index)
+        if self.observe is not None:
+            image = slice(0, image_tokens)
+            self.observe(self.layer, layout, query[:, image], key[:, image], value[:, image])
         out = joint_style_attention(query, key, value, heads, (0, image_tokens), layout, style.adain, style.share,
                                     style.isolate_reference).to(query.dtype)
         image, text = out[:, :image_tokens], out[:, image_tokens:]

@@ -173,6 +173,8 @@ class FluxStyleProcessor(JointStyleProcessor):
                          rotary: Rotary | None, style: JointStyle) -> torch.Tensor:
         """AdaIN before or after RoPE, then attention with the reference's image K/V appended."""
         layout = chunk_layout(self.chunks, q.shape[0], self.reference_index)
+        if self.observe is not None:  # the analysis: image tokens, q/k after qk-norm and before RoPE
+            self.observe(self.layer, layout, q[:, image[0]:image[1]], k[:, image[0]:image[1]], v[:, image[0]:image[1]])
         if self.positions.adain_before_rope:
             q, k, v = joint_adain(q, k, v, image, layout, style.adain)
         q_rot, k_rot = rotated(q, rotary, heads), rotated(k, rotary, heads)
@@ -224,7 +226,8 @@ def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedA
     chosen.check(layout, "install_style_aligned_flux")
     call = FluxCall(positions)
     handle = install_processors(transformer, {
-        layout.diffusers_path(layer): FluxStyleProcessor(style, chunks, reference_index, layer, chosen, call, positions)
+        layout.diffusers_path(layer): FluxStyleProcessor(style, chunks, reference_index, layer, chosen, call,
+                                                           positions=positions)
         for layer in layout.layers if layer in chosen.layers})
     handle.hooks.append(transformer.register_forward_pre_hook(call.hook, with_kwargs=True))
     return handle

@@ -176,3 +176,33 @@ def test_the_node_at_its_defaults_gives_the_family_style_blocks(build, expected)
     selection, preview = call(LayerBalance, model=model)
     assert sorted(selection.layers) == sorted(expected(layers)) and selection.layers
     assert preview.shape[1] == 6 * len(layers)
+
+
+def test_a_flux_grading_in_the_analysis_format_drives_layer_balance_by_1000_sigma(tmp_path):
+    """A grading as `analyze --family flux` writes it (the pack's .safetensors, keys int(1000·σ)) loads for Flux:
+    the node's per-step sets are the graded top-λs ones, and the patch picks a step's set by nearest 1000·σ."""
+    from multicond.core.balance import FEATURES, Grading, graded_selection, save_grading
+
+    model = tiny_dit.build_flux()
+    layers = tuple(model_layout(model, "test", dit=True).layers)  # the tiny model's double.0 and single.0
+    keys = (1000, 750, 300)
+    g = torch.Generator().manual_seed(5)
+    grading = Grading("flux", layers, keys, {f: torch.rand(len(keys), len(layers), generator=g) for f in FEATURES},
+                      "tinyFlux")
+    save_grading(grading, tmp_path / "tinyFlux.safetensors")
+    folder_paths.add_model_folder_path(GRADINGS, str(tmp_path))
+    try:
+        selection, _ = balance(model, grading="tinyFlux.safetensors", lambda_s=0.5)
+        wrong = Grading("flux", (*layers, LayerId("single", 1)), keys,
+                        {f: torch.rand(len(keys), len(layers) + 1, generator=g) for f in FEATURES}, "wide")
+        save_grading(wrong, tmp_path / "wide.safetensors")
+        with pytest.raises(InputError, match="single.1 are not in this model. Use a grading of this model's "
+                                             "double.0-double.0, single.0-single.0.*analyze --family flux"):
+            balance(model, grading="wide.safetensors", lambda_s=0.5)
+    finally:
+        folder_paths.folder_names_and_paths[GRADINGS][0].remove(str(tmp_path))
+    assert selection.schedule == graded_selection(grading, 1).schedule and selection.family == "flux"
+    patch = style_aligned(model, layers=selection).model_options["transformer_options"][OVERRIDE]
+    for sigma, key in ((0.98, 1000), (0.7, 750), (0.2, 300)):
+        for layer in layers:
+            assert patch.share.features(layer, sigma) == selection.schedule[key].get(layer, frozenset())
