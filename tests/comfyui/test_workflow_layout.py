@@ -48,7 +48,7 @@ ROW, PADDING, TEXT_BOX, IMAGE_AREA = 24, 30, 120, 200
 SHOWS_AN_IMAGE = frozenset({"LoadImage", "SaveImage", "PreviewImage"})
 # Nodes the workflows use that nodes.py does not define (the built-in extras are loaded by the server only).
 EXTRA_MODULES = ("comfy_extras.nodes_mask", "comfy_extras.nodes_canny", "comfy_extras.nodes_sd3",
-                 "comfy_extras.nodes_model_advanced")
+                 "comfy_extras.nodes_model_advanced", "comfy_extras.nodes_flux")
 # The missing-models dialog: a huggingface.co download, of a file type it accepts (frontend 1.49; 1.27 took only
 # .safetensors/.sft, but for a whitelist).
 LOADERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}

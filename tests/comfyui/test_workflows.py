@@ -41,6 +41,7 @@ MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCo
                    "MultiCond_LayerBalance", "MultiCond_EpsilonBlend", "MultiCond_CrossAttnBlend", "MultiCond_SpatialGuidance",
                    "MultiCond_MaskedAdapter")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
+TINY_FLUX_DEV = "flux1_dev"  # tiny_pack's Flux.1-dev-like DiT (the weights of core/diffusers_binding/tiny_dit.py)
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
 TINY_GRADING = "multicond_test_grading.json"
 TINY_SD35_GRADING = "multicond_test_gradingSd35"  # CB35's format (torch.save), for the tiny SD3.5's 2 joint layers
@@ -192,6 +193,8 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
     family = "sdxl" if any("xl" in name.lower() for name in checkpoints) else "sd15"
     if any("sd3" in name.lower() for name in checkpoints):
         family = "sd35l"  # the tiny SD3.5-Large-like DiT of tests/comfyui/tiny_dit.py
+    if any("flux1-dev" in name.lower() for name in checkpoints):
+        family = TINY_FLUX_DEV
     adapters = [node for node in graph.values() if node["class_type"] == "ControlNetLoader"
                 and "t2i" in node["inputs"]["control_net_name"].lower()]
     if adapters:
@@ -250,7 +253,9 @@ def test_there_are_workflows() -> None:
     assert {path.stem for path in WORKFLOWS} >= {"1a StyleAligned - SDXL batch in one style",
                                                  "1b StyleAligned - SD1.5 batch in one style",
                                                  "1c StyleAligned - SDXL style from a reference image",
-                                                 "1d StyleAligned - SD3.5 Large batch with Layer Balance"}
+                                                 "1d StyleAligned - SD3.5 Large batch with Layer Balance",
+                                                 "1e StyleAligned - Flux.1 dev batch in one style",
+                                                 "1f StyleAligned - Flux.1 dev style from a reference image"}
 
 
 def http_bytes(url: str) -> bytes:
@@ -417,6 +422,32 @@ def test_the_sd35_workflow_samples_as_cb35() -> None:
     assert {"MultiCond_SharedAttention", "MultiCond_AdaINStyle", "CLIPTextEncode", "VAEDecode"} <= set(values)
 
 
+FLUX_WORKFLOWS = [path for path in WORKFLOWS if "Flux" in path.stem]
+
+
+@pytest.mark.parametrize("path", FLUX_WORKFLOWS, ids=lambda path: path.stem)
+def test_the_flux_workflows_sample_as_flux_dev(path: Path, object_info: dict) -> None:
+    """Flux.1 dev as ComfyUI's own example: its fp8 checkpoint, Flux Guidance 3.5 on every prompt the model sees, CFG 1
+    (no negative), euler/simple on an SD3 latent; the shrinker runs it on the tiny Flux-dev."""
+    workflow = load_workflow(path)
+    values = {node["type"]: node.get("widgets_values") for node in workflow["nodes"]}
+    assert values["CheckpointLoaderSimple"] == ["flux1-dev-fp8.safetensors"]
+    assert values["KSampler"][3:6] == [1.0, "euler", "simple"]
+    assert values["EmptySD3LatentImage"] == [1024, 1024, 4] and values["MultiCond_BatchPrompts"][1] == 4
+    assert {"MultiCond_SharedAttention", "MultiCond_AdaINStyle"} <= set(values)
+    graph = ui_to_api(workflow, object_info)
+    guided = {node_id for node_id in nodes_of(graph, "FluxGuidance") if graph[node_id]["inputs"]["guidance"] == 3.5}
+    (sampler,) = nodes_of(graph, "KSampler")
+    positives = [graph[sampler]["inputs"]["positive"]]
+    positives += [graph[node_id]["inputs"]["positive"] for node_id in nodes_of(graph, "MultiCond_StyleReference")]
+    assert all(source in guided for source, _ in positives), f"{path.name}: a positive without Flux Guidance 3.5"
+    for node_id in nodes_of(graph, "MultiCond_StyleReference"):
+        assert graph[node_id]["inputs"]["inversion_cfg"] == 1.0  # Flux dev's guidance rides on the prompt
+    shrunk = shrink_for_tiny_models(graph)
+    (loader,) = nodes_of(shrunk, TINY_LOADER)
+    assert shrunk[loader]["inputs"]["family"] == TINY_FLUX_DEV
+
+
 COMPOSED = next(path for path in WORKFLOWS if path.stem.startswith("6 Composed"))
 COMPOSED_EFFECT = 1e-5  # each node moves the tiny 2-step latent by 1e-4 and more; a rerun of one graph by 0
 
@@ -483,6 +514,24 @@ def test_the_composed_workflow_keeps_every_nodes_effect(server: Server, object_i
         without = final_latent(server, bypassed(graph, node_id, object_info), f"without_{kind}")
         difference = float((full - without).abs().max())
         assert difference > COMPOSED_EFFECT, f"{kind} has no effect in the composed workflow ({difference:.1e})"
+
+
+FLUX_STYLE_NODES = ("MultiCond_StyleReference", "MultiCond_SharedAttention", "MultiCond_AdaINStyle")
+
+
+@pytest.mark.parametrize("path", FLUX_WORKFLOWS, ids=lambda path: path.stem)
+def test_each_style_node_of_a_flux_workflow_changes_the_result(path: Path, server: Server, object_info: dict) -> None:
+    """On the tiny Flux-dev through the server, each StyleAligned node, bypassed, changes the sampled batch."""
+    graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
+    tag = path.stem[:2]
+    full = final_latent(server, graph, f"{tag}_full")
+    style_nodes = [node_id for node_id, node in graph.items() if node["class_type"] in FLUX_STYLE_NODES]
+    assert len(style_nodes) == 2 + bool(nodes_of(graph, "MultiCond_StyleReference")), style_nodes
+    for node_id in style_nodes:
+        kind = graph[node_id]["class_type"]
+        without = final_latent(server, bypassed(graph, node_id, object_info), f"{tag}_without_{kind}")
+        difference = float((full - without).abs().max())
+        assert difference > COMPOSED_EFFECT, f"{kind} has no effect in {path.name} ({difference:.1e})"
 
 
 def test_an_error_while_sampling_names_the_nodes_title_and_id(server: Server) -> None:

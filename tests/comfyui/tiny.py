@@ -1,4 +1,5 @@
-"""Tiny random SD1.5- and SDXL-shaped ComfyUI models (real comfy classes, a few M parameters)."""
+"""Tiny random SD1.5- and SDXL-shaped ComfyUI models (real comfy classes, a few M parameters), and ComfyUI's Flux
+from a diffusers Flux transformer's weights."""
 
 from __future__ import annotations
 
@@ -134,3 +135,32 @@ def build_t2i_adapter(kind: str = "sd15_shaped", seed: int = 0):
                                               ksize=1, sk=True, use_conv=False, xl=xl)
     randomize(model, seed)
     return comfy.controlnet.T2IAdapter(model, model.input_channels, 8, "nearest-exact")
+
+
+def flux_from_diffusers(source: torch.nn.Module, variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI Flux-dev or -schnell model with a diffusers `FluxTransformer2DModel`'s weights, built directly:
+    detection fixes Flux's real head count and rotary axes, so tiny weights are not detected (dit.md §5.2)."""
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+
+    # convert_diffusers_mmdit pops the keys it maps and swaps tensors in place: it gets clones (dit.md §5.4).
+    clones = {key: value.clone() for key, value in source.state_dict().items()}
+    converted = comfy.model_detection.convert_diffusers_mmdit(clones, "")
+    config = source.config
+    unet_config = {"image_model": "flux", "in_channels": config.in_channels // 4,
+                   "out_channels": config.out_channels // 4,
+                   "vec_in_dim": config.pooled_projection_dim, "context_in_dim": config.joint_attention_dim,
+                   "hidden_size": config.num_attention_heads * config.attention_head_dim, "mlp_ratio": 4.0,
+                   "num_heads": config.num_attention_heads, "depth": config.num_layers,
+                   "depth_single_blocks": config.num_single_layers, "axes_dim": list(config.axes_dims_rope),
+                   "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": config.guidance_embeds}
+    if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:  # newer hosts require it
+        unet_config["txt_ids_dims"] = []
+    family = comfy.supported_models.Flux if variant == "dev" else comfy.supported_models.FluxSchnell
+    model_config = family(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    expected = set(model.diffusion_model.state_dict())
+    assert set(converted) == expected, f"unmapped Flux weights: {sorted(expected ^ set(converted))[:4]}"
+    model.load_model_weights(converted, "")
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))

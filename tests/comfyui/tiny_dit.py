@@ -19,6 +19,8 @@ import torch
 from multicond.core.diffusers_binding.tiny_dit import (CONTEXT_WIDTH, LATENT_CHANNELS, POOLED_WIDTH,
                                                        tiny_sd3_transformer)
 
+from . import tiny
+
 
 @functools.lru_cache(maxsize=None)
 def transformer(variant: str = "sd35m", seed: int = 0):
@@ -96,33 +98,8 @@ def flux_transformer(variant: str = "dev", seed: int = 0):
 
 
 def build_flux_weighted(variant: str = "dev", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A ComfyUI Flux-dev or -schnell model with `flux_transformer(variant, seed)`'s weights, built directly:
-    detection fixes Flux's real head count and rotary axes, so tiny weights are not detected (dit.md §5.2)."""
-    import comfy.ldm.flux.model
-    import comfy.model_detection
-
-    source = flux_transformer(variant, seed)
-    # convert_diffusers_mmdit pops the keys it maps and swaps tensors in place: it gets clones (dit.md §5.4).
-    clones = {key: value.clone() for key, value in source.state_dict().items()}
-    converted = comfy.model_detection.convert_diffusers_mmdit(clones, "")
-    config = source.config
-    unet_config = {"image_model": "flux", "in_channels": config.in_channels // 4,
-                   "out_channels": config.out_channels // 4,
-                   "vec_in_dim": config.pooled_projection_dim, "context_in_dim": config.joint_attention_dim,
-                   "hidden_size": config.num_attention_heads * config.attention_head_dim, "mlp_ratio": 4.0,
-                   "num_heads": config.num_attention_heads, "depth": config.num_layers,
-                   "depth_single_blocks": config.num_single_layers, "axes_dim": list(config.axes_dims_rope),
-                   "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": config.guidance_embeds}
-    if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:  # newer hosts require it
-        unet_config["txt_ids_dims"] = []
-    family = comfy.supported_models.Flux if variant == "dev" else comfy.supported_models.FluxSchnell
-    model_config = family(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
-    expected = set(model.diffusion_model.state_dict())
-    assert set(converted) == expected, f"unmapped Flux weights: {sorted(expected ^ set(converted))[:4]}"
-    model.load_model_weights(converted, "")
-    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    """A ComfyUI Flux-dev or -schnell model with `flux_transformer(variant, seed)`'s weights."""
+    return tiny.flux_from_diffusers(flux_transformer(variant, seed), variant)
 
 
 def flux_inputs(batch: int, seed: int = 0, height: int = 16, width: int = 12, text_tokens: int = 7) -> dict:

@@ -9,6 +9,10 @@ Family "sd35l" is SD3.5-Large-like: the MODEL is ComfyUI's SD3 detected from the
 the pack's core/diffusers_binding/tiny_dit.py (the one tests/comfyui/tiny_dit.py and the style tests use), the CLIP is
 comfy's SD1 CLIP-L (real tokenizer) at the model's context width 64 with a 32-wide pooled projection (the tiny SD3's
 conditioning shapes: a real SD3 text encoder pads to 4096), and the VAE the tiny AutoencoderKL with 16 latent channels.
+Family "flux1_dev" is Flux.1-dev-like: the MODEL is ComfyUI's Flux built from the same module's 2+2-block diffusers
+transformer (built directly: ComfyUI's detection fixes Flux's real head count), the CLIP is comfy's own Flux text
+encoder (CLIP-L + T5-XXL, real tokenizers) with tiny configs giving the model's context width 32 and pooled 16, and
+the VAE the 16-channel one of "sd35l".
 Nothing is downloaded and nothing is read from disk but the tokenizers that ship with ComfyUI.
 """
 
@@ -34,7 +38,9 @@ TINY_T2I = "MultiCondTest_TinyT2IAdapter"
 TINY_MODELS_ENV = "MULTICOND_TINY_MODELS"
 BASE_FAMILIES = ("sd15", "sdxl")
 SD35 = "sd35l"  # the tiny SD3.5-Large-like DiT
-FAMILIES = (*BASE_FAMILIES, "sd15_shaped", "sdxl_shaped", SD35)  # _shaped: the real block structure (T2I-Adapters fit)
+FLUX_DEV = "flux1_dev"  # the tiny Flux.1-dev-like DiT
+# _shaped: the real block structure (T2I-Adapters fit)
+FAMILIES = (*BASE_FAMILIES, "sd15_shaped", "sdxl_shaped", SD35, FLUX_DEV)
 
 # Text encoders: real vocabulary (the tokenizers emit ids up to 49407), a few tiny layers.
 # SDXL reads layer -2 of both encoders, so each needs at least 3 layers.
@@ -44,6 +50,10 @@ CLIP_G_SDXL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
 SDXL_POOLED = 1280  # SDXL's adm input (2816) = pooled CLIP-G (1280) + 6 size embeddings of 256
 SDXL_CONTEXT = CLIP_L_SDXL["hidden_size"] + CLIP_G_SDXL["hidden_size"]
 SD35_LATENT_CHANNELS = 16
+# Flux's text encoder: the T5-XXL output is the context (width 32 = FLUX_CONTEXT_WIDTH), CLIP-L's unprojected pooled
+# output the vector input (width 16 = FLUX_POOLED_WIDTH); real vocabularies, so the tokenizers' ids fit.
+FLUX_CLIP_L = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}
+FLUX_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
 
 def _tiny_models_path() -> Path:
     """tests/comfyui/tiny.py: from MULTICOND_TINY_MODELS (set by the test), else next to this package."""
@@ -108,8 +118,6 @@ def build_vae(seed: int) -> comfy.sd.VAE:
 
 def build_sd35(seed: int) -> tuple[Any, Any, Any]:
     """MODEL, CLIP, VAE of the tiny SD3.5-Large-like family (shapes of multicond's tiny_dit: context 64, pooled 32)."""
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
     tiny_dit = _load_tiny_dit_module()
     CONTEXT_WIDTH, POOLED_WIDTH = tiny_dit.CONTEXT_WIDTH, tiny_dit.POOLED_WIDTH  # noqa: N806 - the module's constants
 
@@ -126,6 +134,12 @@ def build_sd35(seed: int) -> tuple[Any, Any, Any]:
     clip_l.return_projected_pooled = True
     clip_l.options_default = (*clip_l.options_default[:2], True)
     _load_tiny_module().randomize(encoder, seed + 1)
+    return model, clip, build_vae16(seed)
+
+
+def build_vae16(seed: int) -> comfy.sd.VAE:
+    """The tiny AutoencoderKL with 16 latent channels (SD3's and Flux's latent width)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
 
     tiny = _load_tiny_module()
     ddconfig = dict(tiny.TINY_VAE_DDCONFIG, z_channels=SD35_LATENT_CHANNELS)
@@ -134,7 +148,20 @@ def build_sd35(seed: int) -> tuple[Any, Any, Any]:
     tiny.randomize(autoencoder, seed + 2)
     vae = comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params}, dtype=torch.float32)
     vae.latent_channels = SD35_LATENT_CHANNELS
-    return model, clip, vae
+    return vae
+
+
+def build_flux_dev(seed: int) -> tuple[Any, Any, Any]:
+    """MODEL, CLIP, VAE of the tiny Flux.1-dev-like family (multicond's tiny_dit: context 32, pooled 16)."""
+    import comfy.text_encoders.flux
+    from comfy.supported_models_base import ClipTarget
+
+    model = _load_tiny_module().flux_from_diffusers(_load_tiny_dit_module().tiny_flux_transformer("dev", seed), "dev")
+    target = ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": FLUX_CLIP_L, "t5xxl_model_config": FLUX_T5,
+                                                "dtype": torch.float32})
+    _load_tiny_module().randomize(clip.cond_stage_model, seed + 1)
+    return model, clip, build_vae16(seed)
 
 
 class TinyLoader:
@@ -151,7 +178,7 @@ class TinyLoader:
 
 
 class TinyCheckpoint(TinyLoader):
-    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5, SDXL or SD3.5-Large."""
+    """Stands in for CheckpointLoaderSimple: MODEL, CLIP, VAE of a tiny random SD1.5, SDXL, SD3.5-L or Flux.1-dev."""
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -160,6 +187,8 @@ class TinyCheckpoint(TinyLoader):
     def load(self, family: str, seed: int) -> tuple[Any, Any, Any]:
         if family == SD35:
             return build_sd35(seed)
+        if family == FLUX_DEV:
+            return build_flux_dev(seed)
         config = model_config(family)
         return build_model(config, seed), build_clip(config, family, seed), build_vae(seed)
 
