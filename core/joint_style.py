@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import sdpa_attention
+from .attention import attend_heads, sdpa_attention, split_heads
 from .chunks import ChunkLayout
 from .style import AdaINSettings, ShareSettings, adain_targets, reference_bias
 
@@ -83,21 +83,54 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         return sdpa_attention(q, k, v, heads)
     out = torch.empty_like(q)
     if isolate_reference:
-        plain = layout.reference_rows
-        out[plain] = sdpa_attention(q[plain], k[plain], v[plain], heads)
+        plain = _row_index(layout.reference_rows)
+        _put_rows(out, plain, attend_heads(q[plain], k[plain], v[plain], heads))
     rows = torch.tensor(extended, device=q.device)
     refs = layout.reference_of_row(q.device)[rows]
-    ref_k = k[refs, start:stop] if reference_keys is None else reference_keys[refs // layout.rows_per_chunk]
-    ref_v = v[refs, start:stop]
+    chunk_of_row = refs // layout.rows_per_chunk
+    references = _row_index(layout.reference_rows)
+    ref_k = _per_row(k[references, start:stop] if reference_keys is None else reference_keys, chunk_of_row)
+    ref_v = _per_row(v[references, start:stop], chunk_of_row)
+    scale = None
     if share.score_scale != 1.0:
         # The original scales every appended copy but a reference's own (`expand_first`; CB35 likewise).
         scale = torch.where(refs == rows, 1.0, share.score_scale).to(k.dtype).view(-1, 1, 1)
-        ref_k = ref_k * scale
-    keys = torch.cat([k[rows], ref_k], dim=1)
-    values = torch.cat([v[rows], ref_v], dim=1)
     bias = reference_bias(tokens, image_tokens, share.score_shift, q.device) if share.score_shift else None
-    out[rows] = sdpa_attention(q[rows], keys, values, heads, bias)
+    index = _row_index(extended)
+    keys = torch.cat([k[index], ref_k], dim=1)
+    if scale is not None:
+        keys[:, tokens:] *= scale  # in place: no scaled copy of the appended keys beside them
+    values = torch.cat([v[index], ref_v], dim=1)
+    del k, v, ref_k, ref_v  # a caller's temporary copies may hold their last references: freed before attending
+    attended = attend_heads(q[index], keys, values, heads, bias)
+    del keys, values  # freed before the output is written
+    _put_rows(out, index, attended)
     return out
+
+
+RowIndex = slice | list[int]
+
+
+def _row_index(rows: list[int]) -> RowIndex:
+    """Consecutive rows as a slice (a view of the batch, no copy); any others as a list (a gather)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
+
+
+def _per_row(per_chunk: torch.Tensor, chunk_of_row: torch.Tensor) -> torch.Tensor:
+    """Each row's entry of a `(chunks, ...)` tensor: a broadcast view with one chunk, else a gather."""
+    if per_chunk.shape[0] == 1:
+        return per_chunk.expand(len(chunk_of_row), *per_chunk.shape[1:])
+    return per_chunk[chunk_of_row]
+
+
+def _put_rows(out: torch.Tensor, rows: RowIndex, attended: torch.Tensor) -> None:
+    """Write `(n, h, N, d)` attention outputs into `out`'s `rows` of `(B, N, h*d)`."""
+    if isinstance(rows, slice):
+        split_heads(out[rows], attended.shape[1]).copy_(attended)  # through the view: no flattened copy
+    else:
+        out[rows] = attended.transpose(1, 2).flatten(2)
 
 
 def joint_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, image: ImageSpan,

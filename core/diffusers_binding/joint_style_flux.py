@@ -126,6 +126,17 @@ def _projections(attn: FluxAttention, x: torch.Tensor, text: torch.Tensor | None
     return q, k, v, tq, tk, tv
 
 
+def joint_qkv(attn: FluxAttention, x: torch.Tensor, text: torch.Tensor | None) -> list[torch.Tensor]:
+    """Post-qk-norm q, k, v of the joint sequence (diffusers' Flux order: text, then image), as a list to pop."""
+    heads = attn.heads
+    q, k, v, tq, tk, tv = _projections(attn, x, text)
+    q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
+    if text is None:
+        return [q, k, v]
+    return [torch.cat([_normed(attn.norm_added_q, tq, heads), q], dim=1),
+            torch.cat([_normed(attn.norm_added_k, tk, heads), k], dim=1), torch.cat([tv, v], dim=1)]
+
+
 @dataclass
 class FluxStyleProcessor(JointStyleProcessor):
     """diffusers processor for one Flux attention (double or single block) with StyleAligned.
@@ -148,14 +159,12 @@ class FluxStyleProcessor(JointStyleProcessor):
         if attention_mask is not None:
             raise ValueError("StyleAligned on Flux does not take an attention mask (FluxPipeline passes none)")
         heads = attn.heads
-        q, k, v, tq, tk, tv = _projections(attn, hidden_states, encoder_hidden_states)
-        q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
-        if encoder_hidden_states is not None:  # double block: diffusers' Flux order is text, then image
-            q = torch.cat([_normed(attn.norm_added_q, tq, heads), q], dim=1)
-            k = torch.cat([_normed(attn.norm_added_k, tk, heads), k], dim=1)
-            v = torch.cat([tv, v], dim=1)
-        image = (self.text_tokens(encoder_hidden_states), q.shape[1])
-        out = self.styled_attention(q, k, v, heads, image, image_rotary_emb, style).to(q.dtype)
+        qkv = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        image = (self.text_tokens(encoder_hidden_states), qkv[0].shape[1])
+        dtype = qkv[0].dtype
+        # Popped, not unpacked: this frame keeps no reference, so each stage below frees the one before.
+        out = self.styled_attention(qkv.pop(0), qkv.pop(0), qkv.pop(0), heads, image, image_rotary_emb,
+                                    style).to(dtype)
         if encoder_hidden_states is None:
             return out
         text, image_out = out[:, :image[0]], out[:, image[0]:]
@@ -177,14 +186,18 @@ class FluxStyleProcessor(JointStyleProcessor):
             self.observe(self.layer, layout, q[:, image[0]:image[1]], k[:, image[0]:image[1]], v[:, image[0]:image[1]])
         if self.positions.adain_before_rope:
             q, k, v = joint_adain(q, k, v, image, layout, style.adain)
-        q_rot, k_rot = rotated(q, rotary, heads), rotated(k, rotary, heads)
+        # Reference rows are never AdaIN'd, so their pre-RoPE keys are the ones to re-rotate either way; taken
+        # before k is rotated, so no pre-RoPE copy of the whole batch outlives the rotation.
+        reference_keys = None
+        if style.share is not None and rotary is not None:
+            reference_keys = self.reference_keys(k[layout.reference_rows], image, heads)
+        q = rotated(q, rotary, heads)  # one at a time: each pre-RoPE tensor is freed as its rotation lands
+        k = rotated(k, rotary, heads)
         if not self.positions.adain_before_rope:
-            q_rot, k_rot, v = joint_adain(q_rot, k_rot, v, image, layout, style.adain)
+            q, k, v = joint_adain(q, k, v, image, layout, style.adain)
         if style.share is None:
-            return sdpa_attention(q_rot, k_rot, v, heads)
-        # Reference rows are never AdaIN'd, so their pre-RoPE keys are the ones to re-rotate either way.
-        reference_keys = self.reference_keys(k[layout.reference_rows], image, heads) if rotary is not None else None
-        return shared_joint_attention(q_rot, k_rot, v, heads, image, layout, style.share, style.isolate_reference,
+            return sdpa_attention(q, k, v, heads)
+        return shared_joint_attention(q, k, v, heads, image, layout, style.share, style.isolate_reference,
                                       reference_keys)
 
     def reference_keys(self, k: torch.Tensor, image: ImageSpan, heads: int) -> torch.Tensor | None:
