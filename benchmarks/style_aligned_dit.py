@@ -13,7 +13,9 @@ alternated so drift hits all alike.
 
 ComfyUI (--comfyui, a ComfyUI Python with COMFYUI_PATH): the same SD3.5 weights loaded by ComfyUI, Shared
 Attention + AdaIN Style (defaults) and with Layer Balance (a random CB35-format grading, lambda_s 1 of the 2
-layers per step: its FLOP floor is half the extra) over vanilla, 1 reference + 1 target with CFG, euler.
+layers per step: its FLOP floor is half the extra) over vanilla, 1 reference + 1 target with CFG, euler; the
+same Flux-dev weights loaded by ComfyUI (tests/comfyui/tiny_dit.py), Shared Attention + AdaIN Style (defaults:
+the single blocks) over vanilla, 1 reference + 3 targets at CFG 1 (no uncond rows, as Flux-dev is run), euler.
 
 FLOPs are counted by PyTorch's FlopCounterMode with math attention. FLOP floor: vanilla's FLOPs plus the least
 that sharing needs: every query of a target row (image and text tokens) against the reference's image keys, in
@@ -23,7 +25,6 @@ each styled layer; the reference rows need no extra keys. AdaIN's statistics are
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -173,24 +174,52 @@ def flux_diffusers() -> None:
         print(f"    ours/AlignedGen time x{ratio:.2f}")
 
 
-def sd3_comfyui() -> None:
-    import benchmarks.comfy_setup  # noqa: F401 - ComfyUI first, then the pack
+def styled_nodes(model, selection=None):
+    """Shared Attention (no GroupNorm: none in a DiT) then AdaIN Style, both at their defaults otherwise."""
+    from multicond.nodes.style import AdaINStyle, SharedAttention
+
+    shared = SharedAttention.execute(model, True, 1.0, 0.0, False, False, True, 0, 0.0, 1.0, selection).args[0]
+    return AdaINStyle.execute(shared, True, True, False, 1.0, 0, 0.0, 1.0, selection).args[0]
+
+
+def comfyui_rows(variants: dict, batch: int, steps: int, cfg: float, positive: list, negative: list, layers: int,
+                 heads: int, head_dim: int, text: int, targets: int) -> None:
+    """Per-step time, peak tensors and FLOPs of sampling `batch` images with each variant, at both latent sizes.
+
+    `targets`: target rows in each model call (CFG puts a reference and its targets in both halves).
+    """
     import comfy.sample
+
+    for size in SIZES:
+        latent = torch.zeros(batch, 16, size, size)
+
+        def sample(m):
+            def run():
+                with torch.inference_mode():
+                    noise = comfy.sample.prepare_noise(latent, 0)
+                    return comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                               seed=0, disable_pbar=True)
+            return run
+
+        runs = {name: sample(m) for name, m in variants.items()}
+        seconds, memory, flops = timed(runs, repeats=7)
+        seconds = {name: value / steps for name, value in seconds.items()}
+        image = (size // 2) ** 2  # one model call of all the rows per step
+        report(f"{size}x{size} latent ({image} image tokens)", seconds, memory, flops,
+               floor(flops["vanilla"], layers, heads, head_dim, image, text, targets, calls=steps))
+
+
+def sd3_comfyui() -> None:
     import comfy.sd
     import comfyui_version
     import folder_paths
 
     from multicond.nodes.balance import GRADINGS, LayerBalance
-    from multicond.nodes.style import AdaINStyle, SharedAttention
 
     transformer = sd3_transformer()
     state = {key: value.clone() for key, value in transformer.state_dict().items()}
     model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32})
     heads, head_dim, layers = transformer.config.num_attention_heads, transformer.config.attention_head_dim, 2
-
-    def styled(selection=None):
-        shared = SharedAttention.execute(model, True, 1.0, 0.0, False, False, True, 0, 0.0, 1.0, selection).args[0]
-        return AdaINStyle.execute(shared, True, True, False, 1.0, 0, 0.0, 1.0, selection).args[0]
 
     with tempfile.TemporaryDirectory() as folder:
         g = torch.Generator().manual_seed(3)
@@ -204,41 +233,46 @@ def sd3_comfyui() -> None:
         folder_paths.add_model_folder_path(GRADINGS, folder)
         selection = LayerBalance.execute(model, "grading", "gradingTiny", 0.5, "all layers", 0.0, "joint", 0.85,
                                          "as the method").args[0]
-    variants = {"vanilla": model, "Shared Attention + AdaIN Style": styled(),
-                "with Layer Balance (1 of 2 per step)": styled(selection)}
+    variants = {"vanilla": model, "Shared Attention + AdaIN Style": styled_nodes(model),
+                "with Layer Balance (1 of 2 per step)": styled_nodes(model, selection)}
     g = torch.Generator().manual_seed(1)
     positive = [[torch.randn(1, SD3_TEXT, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
     negative = [[torch.randn(1, SD3_TEXT, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
     steps = 4
     print(f"ComfyUI {comfyui_version.__version__}, the same tiny SD3.5-L-like weights, 1 reference + 1 target with "
           f"CFG, {steps} euler steps, PyTorch SDPA attention, 1 thread; per step, ratios over vanilla")
-    for size in SIZES:
-        latent = torch.zeros(2, 16, size, size)
+    comfyui_rows(variants, 2, steps, 3.5, positive, negative, layers, heads, head_dim, SD3_TEXT, targets=2)
 
-        def sample(m):
-            def run():
-                with torch.inference_mode():
-                    noise = comfy.sample.prepare_noise(latent, 0)
-                    return comfy.sample.sample(m, noise, steps, 3.5, "euler", "normal", positive, negative, latent,
-                                               seed=0, disable_pbar=True)
-            return run
 
-        runs = {name: sample(m) for name, m in variants.items()}
-        seconds, memory, flops = timed(runs, repeats=7)
-        seconds = {name: value / steps for name, value in seconds.items()}
-        image = (size // 2) ** 2  # euler with CFG: one model call of the 4 rows per step
-        report(f"{size}x{size} latent ({image} image tokens)", seconds, memory, flops,
-               floor(flops["vanilla"], layers, heads, head_dim, image, SD3_TEXT, targets=2, calls=steps))
+def flux_comfyui() -> None:
+    import comfyui_version
+
+    from tests.comfyui.tiny_dit import build_flux_weighted, flux_conditioning, flux_transformer
+
+    model = build_flux_weighted("dev")  # the diffusers tiny Flux-dev weights, converted by ComfyUI
+    config = flux_transformer("dev").config
+    heads, head_dim, singles = config.num_attention_heads, config.attention_head_dim, config.num_single_layers
+    variants = {"vanilla": model, "Shared Attention + AdaIN Style": styled_nodes(model)}
+    steps = 4
+    print(f"ComfyUI {comfyui_version.__version__}, the same tiny Flux-dev-like weights (2 double + 2 single blocks), "
+          f"1 reference + 3 targets at CFG 1 (Flux-dev: no uncond rows), {steps} euler steps, PyTorch SDPA attention, "
+          f"1 thread; nodes on the single blocks (default); per step, ratios over vanilla")
+    # At CFG 1 ComfyUI runs the positive chunk only: the negative is never evaluated.
+    comfyui_rows(variants, 4, steps, 1.0, flux_conditioning(1, FLUX_TEXT), flux_conditioning(2, FLUX_TEXT), singles,
+                 heads, head_dim, FLUX_TEXT, targets=3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="StyleAligned on SD3.5 and Flux over vanilla.")
-    parser.add_argument("--comfyui", action="store_true", help="also (only) the SD3.5 nodes in the ComfyUI of "
-                                                               "COMFYUI_PATH, run with its Python")
+    parser.add_argument("--comfyui", action="store_true", help="instead: the SD3.5 and Flux nodes in the ComfyUI "
+                                                               "of COMFYUI_PATH, run with its Python")
     options = parser.parse_args()
     torch.set_num_threads(1)  # steady timings on a shared machine
     if options.comfyui:
+        import benchmarks.comfy_setup  # noqa: F401 - ComfyUI first, then the pack
+
         sd3_comfyui()
+        flux_comfyui()
         return
     import tests.conftest  # noqa: F401 - registers the pack as `multicond`
 
