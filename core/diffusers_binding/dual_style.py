@@ -29,7 +29,7 @@ from ..attention import sdpa_attention
 from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weights, blend, check_mask,
                      dual_context_attention, latent_weights, layer_weights, rows_of)
 from ..layers import LayerId, LayerSelection
-from .handle import UNetHandle
+from .handle import ProcessorHandle
 from .pipeline import default_size, initial_latents
 from .processor import (Size, TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers,
                         projections)
@@ -113,7 +113,7 @@ def _grow(value: Any, batch: int, images: int) -> Any:
 
 
 @dataclass
-class DualStyleHandle(UNetHandle):
+class DualStyleHandle(ProcessorHandle):
     """What an install changed; `remove()` puts it back (also on leaving a `with`).
 
     `processors` are the cross-attention processors by module path (empty for the epsilon blend).

@@ -20,7 +20,7 @@ from ..chunks import chunk_layout
 from ..joint_style import JointStyle, joint_features, joint_style_attention
 from ..layers import DiTLayout, LayerId, LayerSelection, select_all, select_evenly_spaced
 from ..style import StyleAlignedArgs, allowed_adain, allowed_share
-from .handle import UNetHandle
+from .handle import ProcessorHandle
 from .processor import call_argument
 from .style_aligned import Observer
 
@@ -140,17 +140,15 @@ class JointStyleProcessor:
 
 
 @dataclass
-class JointStyleHandle(UNetHandle):
-    """What `install_style_aligned_dit` changed; `remove()` puts it back (also on leaving a `with`).
-
-    `unet` holds the transformer (the shared handle's field name).
-    """
+class JointStyleHandle(ProcessorHandle):
+    """What `install_style_aligned_dit` / `install_style_aligned_flux` changed; `remove()` puts it back (also on
+    leaving a `with`)."""
 
     layers: list[str] = field(default_factory=list)
 
     @property
-    def transformer(self) -> SD3Transformer2DModel:
-        return self.unet
+    def transformer(self) -> torch.nn.Module:
+        return self.model
 
 
 def install_style_aligned_dit(transformer_or_pipeline: Any, args: StyleAlignedArgs | JointStyle = StyleAlignedArgs(),

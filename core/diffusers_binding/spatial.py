@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..spatial import (RELATION_PHRASES, LayerMaps, SpatialSettings, attention_with_maps, centroid_and_variance,
                        find_subsequence, guidance_layers, guidance_loss, object_map, relation_distance)
-from .handle import UNetHandle
+from .handle import ProcessorHandle
 from .dual_style import DualContextProcessor
 from .pipeline import cfg_unet_inputs, default_size, row_generators
 from .processor import TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers, projections
@@ -151,7 +151,7 @@ class SpatialMapProcessor:
 
 
 @dataclass
-class SpatialHandle(UNetHandle):
+class SpatialHandle(ProcessorHandle):
     """The installed map recorders; `remove()` restores the processors and hooks (also on leaving a `with`)."""
 
     recorder: MapRecorder = field(default_factory=lambda: MapRecorder())

@@ -20,7 +20,7 @@ from ..chunks import ChunkLayout, chunk_layout
 from ..layers import LayerId, LayerSelection, UNetLayout, select_evenly_spaced
 from ..style import (AdaINSettings, ShareSettings, StyleAlignedArgs, allowed_adain, allowed_share, attach_shared_norm,
                      style_attention)
-from .handle import UNetHandle
+from .handle import ProcessorHandle
 from .processor import attention_inputs, attention_output, projections
 
 CFG_CHUNKS = 2  # diffusers runs classifier-free guidance as one batch [uncond, cond]
@@ -130,7 +130,7 @@ class StyleAlignedProcessor:
 
 
 @dataclass
-class StyleAlignedHandle(UNetHandle):
+class StyleAlignedHandle(ProcessorHandle):
     """What `install_style_aligned` changed; `remove()` puts it back (also on leaving a `with`)."""
 
     layers: list[str] = field(default_factory=list)
