@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
                     "joint_style"),
     **dict.fromkeys(("ALIGNEDGEN_STYLE", "FluxCall", "FluxPositions", "FluxStyleProcessor", "flux_layout",
                      "install_style_aligned_flux"), "joint_style_flux"),
+    **dict.fromkeys(("install_flow_epsilon_blend",), "dual_style_flow"),
     **dict.fromkeys(("FAMILY_DEFAULT", "encode_flow_image", "flow_sigmas", "flow_velocity", "generate_flow",
                      "invert_flow_image", "invert_flow_latent", "pin_flow_reference"), "flow_pipeline"),
     **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",

@@ -495,7 +495,8 @@ def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
                                                        "is white")
     parser.add_argument("--second", default=second, help="the other prompt")
     parser.add_argument("--method", choices=tuple(DUAL_STYLE_SHARPNESS), default="epsilon",
-                        help="blend the two noise predictions, or the two cross-attention outputs in every layer")
+                        help="blend the two noise predictions (SD3/Flux: velocities), or the two cross-attention "
+                             "outputs in every layer (UNets only)")
     profile = parser.add_argument_group("where each prompt goes")
     profile.add_argument("--profile", choices=(*SHAPES, "mask"),
                          help="sigmoid (the original's), linear or cosine ramp, or mask (default: mask with --mask, "
@@ -514,9 +515,12 @@ def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
                               f"{CROSS_ATTENTION_SHARPNESS:g} for cross-attention)")
     profile.add_argument("--ramp-width", type=float,
                          help="fraction of the frame the linear/cosine ramp spans (default: 1)")
-    add_model_flags(parser)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale, > 1")
+    add_model_flags(parser, dits=True)
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']} DDIM steps; "
+                                                  f"{DEFAULT_STEPS['sd3']} Euler steps on SD3 and Flux)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale, > 1 on UNets (default: {DEFAULT_CFG['sd1']:g}; SD3 "
+                             f"{DEFAULT_CFG['sd3']:g}; Flux-dev: its distilled guidance, {DEFAULT_CFG['flux']:g})")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image written")
     for side in ("width", "height"):
         parser.add_argument(f"--{side}", type=int, help=f"pixels, a multiple of 8 (default: the model's; "
@@ -544,14 +548,23 @@ def _validate_dual_style(ns: argparse.Namespace) -> None:
         fail(ns, f"--sharpness must be 0 or more, got {ns.sharpness}")
     if ns.ramp_width is not None and ns.ramp_width <= 0:
         fail(ns, f"--ramp-width must be > 0 (a fraction of the frame), got {ns.ramp_width}")
-    if ns.cfg <= 1:
+    family_defaults(ns)
+    dit = ns.family in DIT_FAMILIES
+    if dit and ns.method == "cross-attention":
+        fail(ns, "--method cross-attention is not available on SD3/Flux yet (text and image share one joint "
+                 "attention there); use --method epsilon")
+    if ns.cfg <= 1 and not dit:
         fail(ns, "--cfg must be > 1: the blend works on the [uncond, cond] halves of a guided batch")
+    if ns.cfg <= 0:
+        fail(ns, "--cfg must be > 0")
     if ns.steps < 1:
         fail(ns, "--steps must be >= 1")
+    step = 16 if ns.family == "flux" else 8  # Flux packs 2x2 latent pixels into a token
     for flag, value in (("--width", ns.width), ("--height", ns.height)):
-        if value is not None and (value < 8 or value % 8):
-            fail(ns, f"{flag} must be a positive multiple of 8 (latents are 1/8 of the image), got {value}; "
-                     f"try {max(8, round(value / 8) * 8)}")
+        if value is not None and (value < step or value % step):
+            fail(ns, f"{flag} must be a positive multiple of {step} (latents are 1/8 of the image"
+                     f"{', packed 2x2 on Flux' if step == 16 else ''}), got {value}; "
+                     f"try {max(step, round(value / step) * step)}")
     check_checkpoint(ns)
 
 
@@ -606,8 +619,9 @@ def _dual_style(ns: argparse.Namespace, weights: Weights, device: str) -> int:
         runs += [("plain-first", f"first-{slug(ns.first)}"), ("plain-second", f"second-{slug(ns.second)}")]
     ns.out.mkdir(parents=True, exist_ok=True)
     for method, name in runs:
+        text = {"max_sequence_length": TINY_T5_TOKENS} if ns.checkpoint is None and ns.family in DIT_FAMILIES else {}
         image = generate_dual_style(pipe, ns.first, ns.second, method, weights, steps=ns.steps, guidance_scale=ns.cfg,
-                                    seed=ns.seed, height=height, width=width)[0]
+                                    seed=ns.seed, height=height, width=width, **text)[0]
         path = ns.out / f"{name}.png"
         image.save(path)
         print(path)

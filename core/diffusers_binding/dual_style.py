@@ -29,6 +29,7 @@ from ..attention import sdpa_attention
 from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Profile, Weights, blend, check_mask,
                      dual_context_attention, latent_weights, layer_weights, rows_of)
 from ..layers import LayerId, LayerSelection
+from .flow_pipeline import flow_family
 from .handle import ProcessorHandle
 from .pipeline import default_size, initial_latents
 from .processor import (Size, TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers,
@@ -376,6 +377,10 @@ def generate_dual_style(pipe: DiffusionPipeline, first: str, second: str, method
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if flow_family(pipe) is not None:
+        return _generate_flow_dual_style(pipe, first, second, method, weights, steps=steps,
+                                         guidance_scale=guidance_scale, seed=seed, height=height, width=width,
+                                         layers=layers, output_type=output_type, **pipeline_kwargs)
     height, width = height or default_size(pipe), width or default_size(pipe)
     latents = initial_latents(pipe, 1, height, width, seed)
     call = dict(prompt=second if method == "plain-second" else first, num_inference_steps=steps,
@@ -389,4 +394,27 @@ def generate_dual_style(pipe: DiffusionPipeline, first: str, second: str, method
     if layers is not None and method != "cross-attention":
         raise ValueError("layers selects cross-attention layers; the epsilon blend has none to select")
     with INSTALLERS[method](pipe, second, weights, **extra):
+        return pipe(**call).images
+
+
+def _generate_flow_dual_style(pipe: DiffusionPipeline, first: str, second: str, method: str, weights: Weights | None,
+                              *, steps: int, guidance_scale: float, seed: int, height: int | None, width: int | None,
+                              layers: LayerSelection | None, output_type: str, **pipeline_kwargs: Any) -> Any:
+    """`generate_dual_style` on SD3/SD3.5 and Flux: the epsilon (velocity) blend; any guidance (Flux-dev's is
+    distilled, SD3 without CFG blends its cond rows)."""
+    from .dual_style_flow import install_flow_epsilon_blend
+    from .flow_pipeline import default_flow_size, initial_flow_latents
+
+    if method == "cross-attention":
+        raise ValueError("the cross-attention blend is not available on SD3/Flux yet (their text and image share one "
+                         "joint attention); use method='epsilon'")
+    if layers is not None:
+        raise ValueError("layers selects cross-attention layers; the epsilon blend has none to select")
+    height, width = height or default_flow_size(pipe), width or default_flow_size(pipe)
+    call = dict(prompt=second if method == "plain-second" else first, num_inference_steps=steps,
+                guidance_scale=guidance_scale, height=height, width=width,
+                latents=initial_flow_latents(pipe, 1, height, width, seed), output_type=output_type, **pipeline_kwargs)
+    if method.startswith("plain-"):
+        return pipe(**call).images
+    with install_flow_epsilon_blend(pipe, second, weights, pipeline_kwargs.get("max_sequence_length")):
         return pipe(**call).images
