@@ -7,12 +7,14 @@ places to blend:
 
 - epsilon: the two prompts' conditional predictions (`blend`), one UNet row per prompt;
 - cross-attention: the two contexts' attention outputs in every cross-attention layer
-  (`dual_context_attention`), at that layer's own height and width.
+  (`dual_context_attention`), at that layer's own height and width; on a DiT, whose text and image
+  share one joint attention, the two texts' outputs for the image tokens (`dual_text_joint_attention`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -189,6 +191,39 @@ def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         return out
     second = (second_attention or attention)(rows_q, k[blended_rows, first_tokens:], v[blended_rows, first_tokens:], heads, None)
     out[blended_rows] = blend(out[blended_rows], second, weight)
+    return out
+
+
+Span = tuple[int, int]  # [start, stop) of a run of tokens in a joint sequence
+
+
+def dual_text_joint_attention(attend: Callable[[torch.Tensor], torch.Tensor], tokens: int, first_text: Span,
+                              second_text: Span, image: Span, weight: torch.Tensor,
+                              device: torch.device | None = None) -> torch.Tensor:
+    """The cross-attention blend inside one joint attention (dit.md §4.3, way (c): a split softmax).
+
+    The two prompts' text tokens never see each other: every token but the second text attends in one pass
+    (the first prompt's), every token but the first text in another (the second's). The image tokens take
+    `weight * first + (1 - weight) * second`, the UNet blend of the two cross-attention outputs, each text
+    its own pass, any other token (e.g. Kontext references) the first pass; with a weight of 1 everywhere
+    the result is the first prompt's attention exactly. `attend(index)` runs the joint attention on the
+    tokens at `index` (ascending positions) and returns `(B, len(index), C)`; `weight` broadcasts to
+    `(B, image tokens, 1)`.
+    """
+    positions = torch.arange(tokens, device=device)
+    without_second = positions[(positions < second_text[0]) | (positions >= second_text[1])]
+    without_first = positions[(positions < first_text[0]) | (positions >= first_text[1])]
+    first = attend(without_second)
+    second = attend(without_first)
+    out = first.new_empty(first.shape[0], tokens, first.shape[-1])
+    out[:, without_second] = first
+    before = lambda span, gap: span[0] - (gap[1] - gap[0] if gap[0] < span[0] else 0)  # noqa: E731 - start in a pass
+    second_start = before(second_text, first_text)
+    out[:, second_text[0]:second_text[1]] = second[:, second_start:second_start + second_text[1] - second_text[0]]
+    length = image[1] - image[0]
+    first_image, second_image = before(image, second_text), before(image, first_text)
+    out[:, image[0]:image[1]] = blend(first[:, first_image:first_image + length],
+                                      second[:, second_image:second_image + length], weight)
     return out
 
 

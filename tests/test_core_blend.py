@@ -231,3 +231,37 @@ def test_a_mask_of_another_aspect_ratio_is_named_as_stretched():
     assert note is not None and "512x512" in note and "96x64" in note and "stretched" in note
     assert stretch_note((768, 512), (96, 64)) is None  # same shape at another scale
     assert stretch_note((1000, 1512), (125, 188)) is None  # within the rounding of sizes to multiples of 8
+
+
+# ---------------------------------------------------------------- the cross-attention blend in joint attention
+
+def _joint(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, tokens, 8, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("order", ["text first", "image first"])
+def test_dual_text_joint_attention_is_two_split_softmaxes_blended_on_the_image(order: str) -> None:
+    """Text A (3 tokens), text B (2), image (6), in ComfyUI's/Flux's order or diffusers SD3's: each text attends
+    without the other, the image tokens blend the two passes by the weight."""
+    from multicond.core.attention import sdpa_attention
+    from multicond.core.blend import dual_text_joint_attention
+
+    q, k, v = _joint(11)
+    spans = ((0, 3), (3, 5), (5, 11)) if order == "text first" else ((6, 9), (9, 11), (0, 6))
+    first_text, second_text, image = spans
+    weight = torch.rand(2, 6, 1, generator=torch.Generator().manual_seed(1))
+    attend = lambda index: sdpa_attention(q[:, index], k[:, index], v[:, index], 2)  # noqa: E731
+    out = dual_text_joint_attention(attend, 11, first_text, second_text, image, weight)
+    keep = lambda drop: [i for i in range(11) if not drop[0] <= i < drop[1]]  # noqa: E731
+    without_second, without_first = keep(second_text), keep(first_text)
+    alone_first, alone_second = attend(torch.tensor(without_second)), attend(torch.tensor(without_first))
+    for (start, stop), alone, kept in ((first_text, alone_first, without_second),
+                                       (second_text, alone_second, without_first)):  # each text saw only its own
+        assert torch.equal(out[:, start:stop], alone[:, [kept.index(i) for i in range(start, stop)]])
+    image_first = alone_first[:, [without_second.index(i) for i in range(*image)]]
+    image_second = alone_second[:, [without_first.index(i) for i in range(*image)]]
+    torch.testing.assert_close(out[:, image[0]:image[1]], weight * image_first + (1 - weight) * image_second,
+                               rtol=0, atol=1e-6)
+    ones = dual_text_joint_attention(attend, 11, first_text, second_text, image, torch.ones(1, 6, 1))
+    assert torch.equal(ones[:, keep(second_text)], alone_first)  # weight 1: the first prompt's attention exactly

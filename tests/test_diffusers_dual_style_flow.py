@@ -1,4 +1,5 @@
-"""The epsilon (velocity) blend on tiny SD3.5- and Flux-like pipelines: the paper's blend, CFG commuting, Flux true CFG."""
+"""Dual-style blending on tiny SD3.5- and Flux-like pipelines: the velocity blend (the paper's blend, CFG commuting,
+Flux true CFG) and the cross-attention blend inside joint attention."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from diffusers import FluxPipeline
 from multicond.core.blend import Profile, blend, latent_weights
 from multicond.core.diffusers_binding.cli import main
 from multicond.core.diffusers_binding.dual_style import generate_dual_style
-from multicond.core.diffusers_binding.dual_style_flow import install_flow_epsilon_blend
+from multicond.core.diffusers_binding.dual_style_flow import (install_flow_cross_attention_blend,
+                                                               install_flow_epsilon_blend)
+from multicond.core.diffusers_binding.joint_style import dit_layout, install_style_aligned_dit
+from multicond.core.diffusers_binding.joint_style_flux import flux_layout
+from multicond.core.layers import select_blocks
 from multicond.core.diffusers_binding.flow_pipeline import initial_flow_latents, pack, unpack
 from multicond.core.diffusers_binding.tiny import TINY_T5_TOKENS, tiny_dit_pipeline, tiny_pipeline
 
@@ -91,8 +96,8 @@ def test_the_handle_restores_the_plain_pipeline(pipe) -> None:
 
 
 def test_what_the_flow_blend_refuses(pipe) -> None:
-    with pytest.raises(ValueError, match="cross-attention blend is not available on SD3/Flux"):
-        generate_dual_style(pipe, FIRST, SECOND, "cross-attention", steps=1, **TEXT)
+    with pytest.raises(ValueError, match="the epsilon blend has none to select"):
+        generate_dual_style(pipe, FIRST, SECOND, "epsilon", steps=1, layers=object(), **TEXT)
     with pytest.raises(TypeError, match="needs an SD3/SD3.5 or Flux pipeline"):
         install_flow_epsilon_blend(tiny_pipeline("sd1"), SECOND)
     with pytest.raises(ValueError, match="encode both with the same max_sequence_length"):
@@ -101,17 +106,73 @@ def test_what_the_flow_blend_refuses(pipe) -> None:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_the_dual_style_command_runs_on_the_tiny_dits(tmp_path: Path, family: str) -> None:
-    assert main(["dual-style", "--family", family, "--steps", "2", "--width", "64", "--height", "96", "--compare",
-                 "--out", str(tmp_path)]) == 0
-    assert sorted(path.name.split("-")[0] for path in tmp_path.glob("*.png")) == ["epsilon", "first", "second"]
+@pytest.mark.parametrize("method", ["epsilon", "cross-attention"])
+def test_the_dual_style_command_runs_on_the_tiny_dits(tmp_path: Path, family: str, method: str) -> None:
+    assert main(["dual-style", "--family", family, "--method", method, "--steps", "2", "--width", "64", "--height",
+                 "96", "--compare", "--out", str(tmp_path)]) == 0
+    assert sorted(path.name.rsplit("-", 1)[0] for path in tmp_path.glob("*.png") if not path.name.startswith(
+        ("first", "second"))) == [f"{method}"]
+    assert len(list(tmp_path.glob("*.png"))) == 3
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--family", "sd3", "--method", "cross-attention"], "--method cross-attention is not available on SD3/Flux"),
     (["--family", "flux", "--width", "72"], "--width must be a positive multiple of 16"),
+    (["--family", "flux", "--cfg", "0"], "--cfg must be > 0"),
 ])
 def test_bad_dual_style_flags_on_dits(capsys: pytest.CaptureFixture, flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit):
         main(["dual-style", *flags])
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the cross-attention blend
+
+def sampled(pipe, prompt: str, steps: int = 3, guidance: float = 4.0, **call) -> torch.Tensor:
+    latents = initial_flow_latents(pipe, 2, HEIGHT, WIDTH, seed=5)
+    return pipe([prompt] * 2, num_inference_steps=steps, guidance_scale=guidance, height=HEIGHT, width=WIDTH,
+                latents=latents, output_type="latent", **TEXT, **call).images
+
+
+def test_a_ones_mask_is_the_first_prompt_alone(pipe) -> None:
+    """Weight 1 everywhere: the image never sees the second text and the first text never sees it either, in every
+    joint attention (Flux: double and single blocks), so the run is the first prompt's (uncond rows untouched)."""
+    plain = sampled(pipe, FIRST)
+    with install_flow_cross_attention_blend(pipe, SECOND, torch.ones(HEIGHT // 8, WIDTH // 8), **TEXT):
+        blended = sampled(pipe, FIRST)
+    assert_close_scaled(blended, plain, amplification=4.0 * 3)
+
+
+def test_the_blend_and_a_layer_selection_act(pipe) -> None:
+    """A soft profile changes the run; blending on one block only is neither the plain run nor the full blend."""
+    flux = isinstance(pipe, FluxPipeline)
+    layout = flux_layout(pipe.transformer) if flux else dit_layout(pipe.transformer)
+    plain = sampled(pipe, FIRST)
+    with install_flow_cross_attention_blend(pipe, SECOND, **TEXT):
+        everywhere = sampled(pipe, FIRST)
+    with install_flow_cross_attention_blend(pipe, SECOND, layers=select_blocks(layout, "single.1" if flux else
+                                                                                "joint.1"), **TEXT):
+        one_block = sampled(pipe, FIRST)
+    for a, b in ((everywhere, plain), (one_block, plain), (one_block, everywhere)):
+        assert (a - b).abs().max() > 1e-4
+
+
+def test_flux_true_cfg_negative_calls_stay_plain() -> None:
+    pipe = tiny_dit_pipeline("flux")
+    true_cfg = dict(negative_prompt="blurry", true_cfg_scale=3.0)
+    plain = sampled(pipe, FIRST, **true_cfg)
+    with install_flow_cross_attention_blend(pipe, SECOND, torch.ones(HEIGHT // 8, WIDTH // 8), **TEXT):
+        blended = sampled(pipe, FIRST, **true_cfg)
+    assert_close_scaled(blended, plain, amplification=3.0 * 3)
+
+
+def test_the_cross_attention_blend_restores_and_refuses(pipe) -> None:
+    processors = dict(pipe.transformer.attn_processors)
+    handle = install_flow_cross_attention_blend(pipe, SECOND, **TEXT)
+    with pytest.raises(RuntimeError, match="already installed"):
+        install_flow_epsilon_blend(pipe, SECOND, **TEXT)
+    handle.remove()
+    assert pipe.transformer.attn_processors == processors
+    if not isinstance(pipe, FluxPipeline):
+        with install_style_aligned_dit(pipe):
+            with pytest.raises(RuntimeError, match="StyleAligned"):
+                install_flow_cross_attention_blend(pipe, SECOND, **TEXT)

@@ -496,7 +496,7 @@ def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--second", default=second, help="the other prompt")
     parser.add_argument("--method", choices=tuple(DUAL_STYLE_SHARPNESS), default="epsilon",
                         help="blend the two noise predictions (SD3/Flux: velocities), or the two cross-attention "
-                             "outputs in every layer (UNets only)")
+                             "outputs in every layer (SD3/Flux: the two texts' joint-attention outputs)")
     profile = parser.add_argument_group("where each prompt goes")
     profile.add_argument("--profile", choices=(*SHAPES, "mask"),
                          help="sigmoid (the original's), linear or cosine ramp, or mask (default: mask with --mask, "
@@ -550,9 +550,6 @@ def _validate_dual_style(ns: argparse.Namespace) -> None:
         fail(ns, f"--ramp-width must be > 0 (a fraction of the frame), got {ns.ramp_width}")
     family_defaults(ns)
     dit = ns.family in DIT_FAMILIES
-    if dit and ns.method == "cross-attention":
-        fail(ns, "--method cross-attention is not available on SD3/Flux yet (text and image share one joint "
-                 "attention there); use --method epsilon")
     if ns.cfg <= 1 and not dit:
         fail(ns, "--cfg must be > 1: the blend works on the [uncond, cond] halves of a guided batch")
     if ns.cfg <= 0:

@@ -400,21 +400,23 @@ def generate_dual_style(pipe: DiffusionPipeline, first: str, second: str, method
 def _generate_flow_dual_style(pipe: DiffusionPipeline, first: str, second: str, method: str, weights: Weights | None,
                               *, steps: int, guidance_scale: float, seed: int, height: int | None, width: int | None,
                               layers: LayerSelection | None, output_type: str, **pipeline_kwargs: Any) -> Any:
-    """`generate_dual_style` on SD3/SD3.5 and Flux: the epsilon (velocity) blend; any guidance (Flux-dev's is
-    distilled, SD3 without CFG blends its cond rows)."""
-    from .dual_style_flow import install_flow_epsilon_blend
+    """`generate_dual_style` on SD3/SD3.5 and Flux: the velocity blend or the joint-attention text blend; any
+    guidance (Flux-dev's is distilled; SD3 without CFG blends its cond rows)."""
+    from .dual_style_flow import install_flow_cross_attention_blend, install_flow_epsilon_blend
     from .flow_pipeline import default_flow_size, initial_flow_latents
 
-    if method == "cross-attention":
-        raise ValueError("the cross-attention blend is not available on SD3/Flux yet (their text and image share one "
-                         "joint attention); use method='epsilon'")
-    if layers is not None:
-        raise ValueError("layers selects cross-attention layers; the epsilon blend has none to select")
+    if layers is not None and method != "cross-attention":
+        raise ValueError("layers selects joint attention layers; the epsilon blend has none to select")
     height, width = height or default_flow_size(pipe), width or default_flow_size(pipe)
     call = dict(prompt=second if method == "plain-second" else first, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
                 latents=initial_flow_latents(pipe, 1, height, width, seed), output_type=output_type, **pipeline_kwargs)
     if method.startswith("plain-"):
         return pipe(**call).images
-    with install_flow_epsilon_blend(pipe, second, weights, pipeline_kwargs.get("max_sequence_length")):
+    length = pipeline_kwargs.get("max_sequence_length")
+    if method == "cross-attention":
+        handle = install_flow_cross_attention_blend(pipe, second, weights, layers, length)
+    else:
+        handle = install_flow_epsilon_blend(pipe, second, weights, length)
+    with handle:
         return pipe(**call).images

@@ -119,13 +119,7 @@ class JointStyleProcessor:
             raise ValueError("the joint StyleAligned processor is for joint attention (attn), not the image-only attn2")
         # JointAttnProcessor2_0 accepts and ignores attention_mask; so does this processor.
         heads, image_tokens = attn.heads, hidden_states.shape[1]
-        query = _normed(attn.norm_q, attn.to_q(hidden_states), heads)
-        key = _normed(attn.norm_k, attn.to_k(hidden_states), heads)
-        text_query = _normed(attn.norm_added_q, attn.add_q_proj(encoder_hidden_states), heads)
-        text_key = _normed(attn.norm_added_k, attn.add_k_proj(encoder_hidden_states), heads)
-        query = torch.cat([query, text_query], dim=1)  # diffusers' SD3 order: image, then text
-        key = torch.cat([key, text_key], dim=1)
-        value = torch.cat([attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states)], dim=1)
+        query, key, value = sd3_joint_qkv(attn, hidden_states, encoder_hidden_states)
         style = self.settings()
         layout = chunk_layout(self.chunks, query.shape[0], self.reference_index)
         if self.observe is not None:
@@ -133,10 +127,28 @@ class JointStyleProcessor:
             self.observe(self.layer, layout, query[:, image], key[:, image], value[:, image])
         out = joint_style_attention(query, key, value, heads, (0, image_tokens), layout, style.adain, style.share,
                                     style.isolate_reference).to(query.dtype)
-        image, text = out[:, :image_tokens], out[:, image_tokens:]
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        return attn.to_out[1](attn.to_out[0](image)), text
+        return sd3_joint_output(attn, out, image_tokens)
+
+
+def sd3_joint_qkv(attn: Attention, hidden_states: torch.Tensor,
+                  encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (after qk-norm) and v of an SD3 joint attention, flat `(B, L, heads*head_dim)`, image tokens first
+    (diffusers' SD3 order), as `JointAttnProcessor2_0` computes them."""
+    heads = attn.heads
+    query = _normed(attn.norm_q, attn.to_q(hidden_states), heads)
+    key = _normed(attn.norm_k, attn.to_k(hidden_states), heads)
+    text_query = _normed(attn.norm_added_q, attn.add_q_proj(encoder_hidden_states), heads)
+    text_key = _normed(attn.norm_added_k, attn.add_k_proj(encoder_hidden_states), heads)
+    value = torch.cat([attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states)], dim=1)
+    return torch.cat([query, text_query], dim=1), torch.cat([key, text_key], dim=1), value
+
+
+def sd3_joint_output(attn: Attention, out: torch.Tensor, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint attention's output split as `JointAttnProcessor2_0` returns it: the image and text streams projected."""
+    image, text = out[:, :image_tokens], out[:, image_tokens:]
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    return attn.to_out[1](attn.to_out[0](image)), text
 
 
 @dataclass
