@@ -4,7 +4,10 @@ EpsilonBlend tags the two prompts' conditioning entries; a CALC_COND_BATCH wrapp
 each entry a mask at the sampled latent's exact size, so ComfyUI's own masked-conditioning sum
 runs all prompts and the negative in one batched model call and returns the blend.
 CrossAttnBlend appends the second prompt's tokens to the context (DIFFUSION_MODEL wrapper) and
-splits them again in every cross-attention layer (attn2 replace), blending per image token.
+splits them again in every cross-attention layer (attn2 replace), blending per image token. On SD3/SD3.5
+and Flux.1, whose text and image share one joint attention, it appends them through an APPLY_MODEL
+wrapper and, in ComfyUI's attention override, runs every joint attention as two passes that each leave
+one text out, blending the image tokens (`core.blend.dual_text_joint_attention`).
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ import torch
 from comfy_api.latest import io
 
 from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNESS, Profile, Weights, check_mask,
-                          dual_context_attention, latent_weights, layer_weights, rows_of, side_factor, stretch_note)
+                          dual_context_attention, dual_text_joint_attention, latent_weights, layer_weights, rows_of,
+                          side_factor, stretch_note)
 from ..core.errors import InputError
-from ..core.layers import LayerId, LayerSelection
-from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, SECOND_CONTEXT, SECOND_TOKENS, checked_label, existing_replace,
-                     model_layout, plain_attention, search_aliases, selection_allows)
+from ..core.layers import DiTLayout, LayerId, LayerSelection
+from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, SECOND_CONTEXT, SECOND_TOKENS, checked_label,
+                     current_sigma, existing_replace, is_pack_patch, model_layout, plain_attention, search_aliases,
+                     selection_allows)
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
 CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
 BLEND_TAG = "multicond_blend"  # key of EpsilonBlend's tag in a conditioning entry
 EPSILON_WRAPPER_KEY = "multicond.epsilon_blend"
 CONTEXT_WRAPPER_KEY = "multicond.cross_attn_blend"
+DUAL_TEXT = "multicond_dual_text"  # transformer_options key: the DualText of a DiT call
+BLOCK_LAYER = "multicond_blend_layer"  # transformer_options key: the running DiT block's LayerId (LayerStamp)
 
 PROFILES = ("sigmoid", "linear", "cosine", "mask")
 ANGLE = "angle"
@@ -344,10 +351,13 @@ class CrossAttnBlend(io.ComfyNode):
                         "outputs per image token with a spatial profile at that layer's own size. The negative attends "
                         "as usual. One model call per step; only the cross-attention work grows.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 model. On SD3/Flux, "
+                                                "whose text and image share one joint attention, each joint "
+                                                "attention runs twice, once without each prompt's text."),
                 io.Conditioning.Input("second", tooltip="The second style's prompt (right with the default direction); "
                                                         "the first is the sampler's positive. Only its text tokens are "
-                                                        "used (SDXL's pooled output stays the positive's)."),
+                                                        "used (SDXL's, SD3's and Flux's pooled output stays the "
+                                                        "positive's)."),
                 *_profile_inputs(CROSS_ATTENTION_SHARPNESS),
                 _mask_input(),
                 io.Custom(LAYERS_TYPE).Input("layers", optional=True,
@@ -362,11 +372,13 @@ class CrossAttnBlend(io.ComfyNode):
                 sharpness: float, ramp_width: float, mask: torch.Tensor | None = None,
                 layers: LayerSelection | None = None) -> io.NodeOutput:
         label = checked_label(cls, locals())
-        layout = model_layout(model, label)
-        context = second_context(model, second)
+        layout = model_layout(model, label, dit=True)
+        context = second_context(model, second, label)
         weights = blend_weights(label, profile, direction, angle, center, sharpness, ramp_width, mask)
         if layers is not None:
-            layers.check(layout, CROSS_ATTN_BLEND)
+            layers.check(layout, label)
+        if isinstance(layout, DiTLayout):
+            return io.NodeOutput(install_dual_text(model, layout, context, weights, layers))
         log_sigmas = model.get_model_object("model_sampling").log_sigmas.float().cpu() if layers is not None and layers.per_timestep else None
         patched = model.clone()
         for layer in layout.layers:
@@ -379,16 +391,160 @@ class CrossAttnBlend(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def second_context(model: Any, second: list) -> torch.Tensor:
+def context_width(model: Any) -> int | None:
+    """The width of the text embeddings the model takes: a UNet's context_dim, SD3's context embedder's input,
+    Flux's txt_in's."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    for name in ("context_embedder", "txt_in"):
+        embedder = getattr(diffusion_model, name, None)
+        if embedder is not None and hasattr(embedder, "in_features"):
+            return int(embedder.in_features)
+    return model.model.model_config.unet_config.get("context_dim")
+
+
+def second_context(model: Any, second: list, label: str = CROSS_ATTN_BLEND) -> torch.Tensor:
     """The second prompt's token embeddings `(1, tokens, channels)`, checked against the model."""
     if not second:
-        raise InputError(CROSS_ATTN_BLEND, "second", "the conditioning is empty", "Connect a prompt (CLIP Text Encode).")
+        raise InputError(label, "second", "the conditioning is empty", "Connect a prompt (CLIP Text Encode).")
     if len(second) > 1:
-        raise InputError(CROSS_ATTN_BLEND, "second", f"the conditioning holds {len(second)} prompts",
+        raise InputError(label, "second", f"the conditioning holds {len(second)} prompts",
                          "Give one prompt; merge several with Conditioning (Concat) or (Average) first.")
     tensor = second[0][0]
-    expected = model.model.model_config.unet_config.get("context_dim")
+    expected = context_width(model)
     if tensor.ndim != 3 or tensor.shape[0] != 1 or tensor.shape[-1] != expected:
-        raise InputError(CROSS_ATTN_BLEND, "second", f"the prompt's embedding has shape {tuple(tensor.shape)}, the model "
+        raise InputError(label, "second", f"the prompt's embedding has shape {tuple(tensor.shape)}, the model "
                          f"takes (1, tokens, {expected})", "Encode the prompt with this model's CLIP.")
     return tensor.detach().cpu()
+
+
+# --- CrossAttnBlend on SD3/SD3.5 and Flux.1 ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DualText:
+    """One DiT call's token counts: the first prompt's text, the appended second's, the image's, and the latent."""
+
+    first: int
+    second: int
+    image: int
+    latent: tuple[int, int]
+
+    @property
+    def text(self) -> int:
+        return self.first + self.second
+
+
+@dataclass(frozen=True)
+class DualTextContext:
+    """APPLY_MODEL wrapper (SD3 runs no DIFFUSION_MODEL wrapper): appends the second prompt's tokens to every row's
+    context and tells the attention override where the two texts and the image sit."""
+
+    context: torch.Tensor  # (1, tokens, channels)
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
+                 transformer_options: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        second = self.context.to(c_crossattn.device, c_crossattn.dtype).expand(c_crossattn.shape[0], -1, -1)
+        height, width = x.shape[-2:]
+        # Both families patchify 2x2 latent pixels per image token, padding odd sides.
+        tokens = DualText(c_crossattn.shape[1], second.shape[1], ((height + 1) // 2) * ((width + 1) // 2),
+                          (height, width))
+        options = {**transformer_options, DUAL_TEXT: tokens}
+        return executor(x, t, c_concat, torch.cat([c_crossattn, second], dim=1), control, options, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class DualTextPatch:
+    """`optimized_attention_override`: every joint attention of the selected blocks as two passes that each leave one
+    text out, the image tokens blended per token; image-only calls (SD3.5-M's attn2) and calls without a second text
+    go to the override that was there before, else to ComfyUI's kernel. Text comes first in both families (dit.md
+    §1.2-1.3); SD3 hands q/k/v `[B, L, ...]`, Flux `[B, H, L, D]`."""
+
+    weights: BlendWeights
+    layout: DiTLayout
+    selection: LayerSelection | None = None
+    inner: Any = None
+
+    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        tokens: DualText | None = options.get(DUAL_TEXT)
+        q = args[0]
+        token_dim = 2 if q.ndim == 4 else 1  # Flux [B, H, L, D]; SD3 [B, L, H*D]
+        if tokens is None or q.shape[token_dim] < tokens.text + tokens.image:
+            return self._attend(func, *args, **kwargs)
+        chunks = options["cond_or_uncond"]
+        images = q.shape[0] // len(chunks)
+        weight = self.weights.at_layer(tokens.latent, ((tokens.latent[0] + 1) // 2, (tokens.latent[1] + 1) // 2),
+                                       images, q.device)
+        if not self.blends(options):
+            weight = torch.ones_like(weight[:1])
+        ones = torch.ones_like(weight[:1])
+        rows = torch.cat([(weight if kind != UNCOND else ones).expand(images, -1, -1) for kind in chunks])
+
+        def attend(index: torch.Tensor) -> torch.Tensor:
+            picked = tuple(x.index_select(token_dim, index) for x in args[:3])
+            return self._attend(func, *picked, *args[3:], **kwargs)
+
+        spans = (0, tokens.first), (tokens.first, tokens.text), (tokens.text, tokens.text + tokens.image)
+        return dual_text_joint_attention(attend, q.shape[token_dim], *spans, rows, q.device)
+
+    def blends(self, options: dict) -> bool:
+        """Whether the running block blends (every block without a selection; a graded one by 1000·σ)."""
+        if self.selection is None:
+            return True
+        layer = options.get(BLOCK_LAYER)
+        return layer is not None and bool(self.selection.features(layer, 1000.0 * current_sigma(options)))
+
+    def _attend(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class LayerStamp:
+    """`patches_replace["dit"]` patch of one DiT block: runs it with its LayerId in a copy of transformer_options,
+    for a layer selection; a block patch that was there before still runs the block."""
+
+    layer: LayerId
+    inner: Any = None
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        stamped = {**args, "transformer_options": {**args["transformer_options"], BLOCK_LAYER: self.layer}}
+        return self.inner(stamped, extra) if self.inner is not None else extra["original_block"](stamped)
+
+
+def stamp_blocks(patched: Any, layout: DiTLayout) -> None:
+    """A LayerStamp on every block of the layout (SD3's joint blocks sit in Flux's double_block slots)."""
+    slots = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for layer in layout.layers:
+        kind = "single_block" if layer.block == "single" else "double_block"
+        current = slots.get((kind, layer.number))
+        if not isinstance(current, LayerStamp):
+            patched.set_model_patch_replace(LayerStamp(layer, current), "dit", kind, layer.number)
+
+
+def has_style_patch(override: Any) -> bool:
+    """Whether the override chain holds one of the pack's DiT style patches (they keep what they wrap in `inner`)."""
+    while override is not None and is_pack_patch(override):
+        if hasattr(override, "share") and hasattr(override, "adain"):
+            return True
+        override = getattr(override, "inner", None)
+    return False
+
+
+def install_dual_text(model: Any, layout: DiTLayout, context: torch.Tensor, weights: BlendWeights,
+                      layers: LayerSelection | None) -> Any:
+    """A clone of an SD3/SD3.5 or Flux.1 `model` with the joint-attention text blend: the override and the wrapper."""
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    current = options.get(OVERRIDE)
+    inner = current.inner if isinstance(current, DualTextPatch) else current  # a second blend replaces the first
+    if has_style_patch(inner):
+        raise InputError(weights.node, "model", "Shared Attention / AdaIN Style are on this model: on SD3/Flux they "
+                         "and this blend act in the same joint attention, and they do not combine yet",
+                         "Use Epsilon Blend with them (it combines), or this node without them.")
+    options[OVERRIDE] = DualTextPatch(weights, layout, layers, inner)
+    if layers is not None:
+        stamp_blocks(patched, layout)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTEXT_WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTEXT_WRAPPER_KEY,
+                                 DualTextContext(context))
+    return patched

@@ -299,12 +299,19 @@ def install_flow_cross_attention_blend(pipe: DiffusionPipeline, second_prompt: s
         raise RuntimeError("another of the pack's processors (StyleAligned) is on this transformer: the cross-attention "
                            "blend replaces the joint attention's processor, so remove() that handle first")
     flux = family == "flux"
-    layout = flux_layout(transformer) if flux else dit_layout(transformer)
-    selection = layers if layers is not None else select_all(layout)
-    selection.check(layout, "install_flow_cross_attention_blend")
     blender = FlowCrossAttentionBlend(pipe, encode_flow_second_prompt(pipe, second_prompt, max_sequence_length),
                                       checked_weights(weights, CROSS_ATTENTION_SHARPNESS), flux,
                                       clock=FlowClock(scale=1000.0 if flux else 1.0))
+    return install_dual_text_processors(transformer, blender, layers)
+
+
+def install_dual_text_processors(transformer: torch.nn.Module, blender: FlowCrossAttentionBlend,
+                                 layers: LayerSelection | None = None) -> DualStyleHandle:
+    """A `DualTextProcessor` on every joint attention of `transformer` and the blend's hooks (the second prompt
+    already encoded in `blender`)."""
+    layout = flux_layout(transformer) if blender.flux else dit_layout(transformer)
+    selection = layers if layers is not None else select_all(layout)
+    selection.check(layout, "install_flow_cross_attention_blend")
     processors = {layout.diffusers_path(layer): DualTextProcessor(
         blender, transformer.get_submodule(layout.diffusers_path(layer)).processor, layer,
         None if layers is None else selection) for layer in layout.layers}

@@ -20,6 +20,8 @@ pytest.importorskip("diffusers", reason="the tiny DiTs come from diffusers: scri
 import torch  # noqa: E402
 
 from multicond.core.blend import Profile, blend, profile_weights  # noqa: E402
+from multicond.core.layers import select_blocks  # noqa: E402
+from multicond.nodes.common import model_layout  # noqa: E402
 
 from ..conftest import assert_close_scaled  # noqa: E402
 from . import tiny_dit  # noqa: E402
@@ -88,3 +90,81 @@ def test_the_blend_composes_with_shared_attention_on_dits(family, monkeypatch):
     soft, positive = epsilon(styled, first, second)
     blended = run(soft, positive, negative, cfg, batch=3)
     assert torch.isfinite(blended).all() and (blended - run(styled, first, negative, cfg, batch=3)).abs().max() > 1e-3
+
+
+# --- Cross-Attention Blend: the two texts in one joint attention -----------------------------------
+
+
+def cross(model, second, mask=None, layers=None):
+    from .test_blend_nodes import cross as cross_node
+
+    return cross_node(model, second, mask=mask, layers=layers)
+
+
+def with_pooled_of(text: list, pooled_from: list) -> list:
+    """`text`'s token embeddings with `pooled_from`'s pooled output (and Flux guidance): what the blend keeps."""
+    return [[text[0][0], {**pooled_from[0][1]}]]
+
+
+def test_a_ones_mask_is_the_first_prompt_and_a_zeros_mask_the_second_text(family):
+    """Weight 1: the image and the first text never see the second text, in every joint attention (Flux: double and
+    single blocks), so the batch is the first prompt's. Weight 0: the image sees only the second text; the pooled
+    vector stays the first prompt's, so it is the second prompt's text with the first's pooled output."""
+    model, first, second, negative, cfg = family
+    ones = cross(model, second, mask=torch.ones(HEIGHT, WIDTH))
+    assert_close_scaled(run(ones, first, negative, cfg, batch=2), run(model, first, negative, cfg, batch=2),
+                        amplification=cfg * 3)
+    zeros = cross(model, second, mask=torch.zeros(HEIGHT, WIDTH))
+    assert_close_scaled(run(zeros, first, negative, cfg, batch=2),
+                        run(model, with_pooled_of(second, first), negative, cfg, batch=2), amplification=cfg * 3)
+
+
+def test_a_soft_profile_blends_and_a_block_selection_narrows_it(family):
+    model, first, second, negative, cfg = family
+    layout = model_layout(model, "test", dit=True)
+    plain = run(model, first, negative, cfg)
+    everywhere = run(cross(model, second), first, negative, cfg)
+    one = select_blocks(layout, "single.0" if layout.family == "flux" else "joint.1")
+    narrowed = run(cross(model, second, layers=one), first, negative, cfg)
+    for a, b in ((everywhere, plain), (narrowed, plain), (narrowed, everywhere)):
+        assert (a - b).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["sd35", "flux"])
+def test_one_call_equals_the_diffusers_binding(variant):
+    """The same weights in both hosts, one model call of [cond] rows with a soft profile: ComfyUI's override equals
+    the diffusers processors (x − σ·v)."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from multicond.core.diffusers_binding.dual_style import SecondPrompt
+    from multicond.core.diffusers_binding.dual_style_flow import FlowCrossAttentionBlend, install_dual_text_processors
+    from multicond.core.diffusers_binding.joint_style import FlowClock
+
+    flux = variant == "flux"
+    model = tiny_dit.build_flux_weighted("dev") if flux else tiny_dit.build("sd35l")
+    data = tiny_dit.flux_inputs(2) if flux else tiny_dit.inputs(2)
+    second = (tiny_dit.flux_conditioning if flux else tiny_dit.conditioning)(7, tokens=5)
+    sigma = 0.7
+    ours = (tiny_dit.apply_flux if flux else tiny_dit.apply_model)(cross(model, second), data["x"], data["context"],
+                                                                     data["pooled"], sigma, [0])
+    pipe = SimpleNamespace(do_classifier_free_guidance=False, scheduler=FlowMatchEulerDiscreteScheduler())
+    transformer = tiny_dit.flux_transformer("dev") if flux else tiny_dit.transformer("sd35l")
+    blender = FlowCrossAttentionBlend(pipe, SecondPrompt(second[0][0], second[0][1]["pooled_output"]), Profile(
+        sharpness=30.0), flux, clock=FlowClock(scale=1000.0 if flux else 1.0))
+    with install_dual_text_processors(transformer, blender):
+        theirs = (tiny_dit.diffusers_flux_denoised if flux else tiny_dit.diffusers_denoised)(transformer, data, sigma)
+    assert_close_scaled(ours, theirs)
+    assert (ours - (tiny_dit.apply_flux if flux else tiny_dit.apply_model)(model, data["x"], data["context"],
+                                                                          data["pooled"], sigma, [0])).abs().max() > 1e-4
+
+
+def test_the_dit_blend_refuses_the_style_nodes_it_cannot_combine_with_yet(family):
+    """On a DiT both act in the same joint attention: refused by name rather than one silently overriding the other."""
+    from multicond.core.errors import InputError
+
+    model, _, second, _, _ = family
+    with pytest.raises(InputError, match="MultiCond_CrossAttnBlend: input 'model': Shared Attention / AdaIN Style are "
+                                         "on this model.*Epsilon Blend"):
+        cross(style_aligned(model), second)

@@ -57,11 +57,8 @@ def diffusers_call(variant: str, data: dict, sigma: float, chunks: int,
                    layers: LayerSelection | None = None) -> torch.Tensor:
     """The diffusers binding's prediction as ComfyUI returns it: denoised = x - sigma * v (dit.md §5.3)."""
     transformer = tiny_dit.transformer(variant)
-    rows = data["x"].shape[0]
-    with install_style_aligned_dit(transformer, JointStyle(), layers=layers, chunks=chunks), torch.no_grad():
-        velocity = transformer(hidden_states=data["x"], encoder_hidden_states=data["context"],
-                               pooled_projections=data["pooled"], timestep=torch.full((rows,), 1000.0 * sigma)).sample
-    return data["x"] - sigma * velocity
+    with install_style_aligned_dit(transformer, JointStyle(), layers=layers, chunks=chunks):
+        return tiny_dit.diffusers_denoised(transformer, data, sigma)
 
 
 def record_chunks(model) -> list[list[int]]:

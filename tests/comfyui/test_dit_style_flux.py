@@ -22,7 +22,6 @@ import comfy.patcher_extension  # noqa: E402
 import torch  # noqa: E402
 
 from multicond.core.diffusers_binding import ALIGNEDGEN_STYLE, FluxPositions, install_style_aligned_flux  # noqa: E402
-from multicond.core.diffusers_binding.tiny_dit import flux_image_ids  # noqa: E402
 from multicond.core.errors import InputError  # noqa: E402
 from multicond.core.joint_style import JointStyle  # noqa: E402
 from multicond.core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, select_blocks  # noqa: E402
@@ -62,21 +61,9 @@ def diffusers_call(variant: str, data: dict, sigma: float, chunks: int, style: J
                    layers: LayerSelection | None = None, positions: FluxPositions = FluxPositions()) -> torch.Tensor:
     """The diffusers binding's prediction as ComfyUI returns it: the latent packed 2x2 into tokens, the velocity
     unpacked, denoised = x - sigma * v; both hosts embed 1000·sigma and 1000·guidance (dit.md §1.3)."""
-    x = data["x"]
-    batch, channels, height, width = x.shape
-    rows, columns = height // 2, width // 2
-    packed = x.view(batch, channels, rows, 2, columns, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * columns, -1)
-    inputs = {"hidden_states": packed, "encoder_hidden_states": data["context"], "pooled_projections": data["pooled"],
-              "timestep": torch.full((batch,), sigma), "img_ids": flux_image_ids(rows, columns),
-              "txt_ids": torch.zeros(data["context"].shape[1], 3)}
-    if variant == "dev":
-        inputs["guidance"] = torch.full((batch,), GUIDANCE)
     transformer = tiny_dit.flux_transformer(variant)
-    with install_style_aligned_flux(transformer, style, layers=layers, chunks=chunks, positions=positions), \
-            torch.no_grad():
-        velocity = transformer(**inputs).sample
-    velocity = velocity.view(batch, rows, columns, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
-    return x - sigma * velocity
+    with install_style_aligned_flux(transformer, style, layers=layers, chunks=chunks, positions=positions):
+        return tiny_dit.diffusers_flux_denoised(transformer, data, sigma, GUIDANCE if variant == "dev" else None)
 
 
 def changed(a: torch.Tensor, b: torch.Tensor, by: float = 1e-4) -> bool:

@@ -65,7 +65,9 @@ def apply_model(model: comfy.model_patcher.ModelPatcher, x: torch.Tensor, contex
                 sigma: float, cond_or_uncond: list[int]) -> torch.Tensor:
     """ComfyUI's denoised prediction of one model call with `model`'s patches, as the sampler makes it."""
     sigmas = torch.full((x.shape[0],), sigma)
-    options = {**model.model_options.get("transformer_options", {}), "cond_or_uncond": list(cond_or_uncond),
+    # The model's wrappers ride in transformer_options, as the sampler puts them there.
+    options = {**model.model_options.get("transformer_options", {}), "wrappers": model.wrappers,
+               "cond_or_uncond": list(cond_or_uncond),
                "sigmas": sigmas}
     with torch.inference_mode():
         return model.model.apply_model(x, sigmas, c_crossattn=context, y=pooled, transformer_options=options).clone()
@@ -117,7 +119,9 @@ def apply_flux(model: comfy.model_patcher.ModelPatcher, x: torch.Tensor, context
     """ComfyUI's denoised prediction of one Flux model call with `model`'s patches (guidance is ignored by schnell)."""
     sigmas = torch.full((x.shape[0],), sigma)
     # The sampler hands the patcher's wrappers to the model this way (Flux runs its DIFFUSION_MODEL wrappers).
-    options = {**model.model_options.get("transformer_options", {}), "cond_or_uncond": list(cond_or_uncond),
+    # The model's wrappers ride in transformer_options, as the sampler puts them there.
+    options = {**model.model_options.get("transformer_options", {}), "wrappers": model.wrappers,
+               "cond_or_uncond": list(cond_or_uncond),
                "sigmas": sigmas, "wrappers": model.wrappers}
     guidances = torch.full((x.shape[0],), guidance)
     with torch.inference_mode():
@@ -131,3 +135,30 @@ def flux_conditioning(seed: int, tokens: int = 7, guidance: float = 3.5) -> list
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, FLUX_CONTEXT_WIDTH, generator=generator),
              {"pooled_output": torch.randn(1, FLUX_POOLED_WIDTH, generator=generator), "guidance": guidance}]]
+
+
+def diffusers_denoised(transformer, data: dict, sigma: float) -> torch.Tensor:
+    """A diffusers SD3 transformer's prediction as ComfyUI returns it: denoised = x - sigma * v (dit.md §5.3)."""
+    rows = data["x"].shape[0]
+    with torch.no_grad():
+        velocity = transformer(hidden_states=data["x"], encoder_hidden_states=data["context"],
+                               pooled_projections=data["pooled"], timestep=torch.full((rows,), 1000.0 * sigma)).sample
+    return data["x"] - sigma * velocity
+
+
+def diffusers_flux_denoised(transformer, data: dict, sigma: float, guidance: float | None = 3.5) -> torch.Tensor:
+    """A diffusers Flux transformer's prediction as ComfyUI returns it: the latent packed 2x2 into tokens, the velocity
+    unpacked, denoised = x - sigma * v; both hosts embed 1000·sigma and 1000·guidance (dit.md §1.3)."""
+    from multicond.core.diffusers_binding.flow_pipeline import pack, unpack
+    from multicond.core.diffusers_binding.tiny_dit import flux_image_ids
+
+    x = data["x"]
+    batch, channels, height, width = x.shape
+    inputs = {"hidden_states": pack(x), "encoder_hidden_states": data["context"], "pooled_projections": data["pooled"],
+              "timestep": torch.full((batch,), sigma), "img_ids": flux_image_ids(height // 2, width // 2),
+              "txt_ids": torch.zeros(data["context"].shape[1], 3)}
+    if guidance is not None:
+        inputs["guidance"] = torch.full((batch,), guidance)
+    with torch.no_grad():
+        velocity = transformer(**inputs).sample
+    return x - sigma * unpack(velocity, channels, height, width)
