@@ -255,7 +255,9 @@ def test_there_are_workflows() -> None:
                                                  "1c StyleAligned - SDXL style from a reference image",
                                                  "1d StyleAligned - SD3.5 Large batch with Layer Balance",
                                                  "1e StyleAligned - Flux.1 dev batch in one style",
-                                                 "1f StyleAligned - Flux.1 dev style from a reference image"}
+                                                 "1f StyleAligned - Flux.1 dev style from a reference image",
+                                                 "3e Epsilon Blend - SD3.5 Large two styles in one image",
+                                                 "3f Epsilon Blend - Flux.1 dev two styles in one image"}
 
 
 def http_bytes(url: str) -> bytes:
@@ -425,6 +427,20 @@ def test_the_sd35_workflow_samples_as_cb35() -> None:
 FLUX_WORKFLOWS = [path for path in WORKFLOWS if "Flux" in path.stem]
 
 
+def prompts_the_model_sees(graph: dict[str, dict]) -> list[list]:
+    """The positives the model is called with: the sampler's and Style Reference's, and for an Epsilon Blend output
+    its first and second prompts (the node hands the model those two)."""
+    (sampler,) = nodes_of(graph, "KSampler")
+    sources = [graph[sampler]["inputs"]["positive"]]
+    sources += [graph[node_id]["inputs"]["positive"] for node_id in nodes_of(graph, "MultiCond_StyleReference")]
+    seen = []
+    for source in sources:
+        node = graph[source[0]]
+        seen += ([node["inputs"]["first"], node["inputs"]["second"]] if node["class_type"] == "MultiCond_EpsilonBlend"
+                 else [source])
+    return seen
+
+
 @pytest.mark.parametrize("path", FLUX_WORKFLOWS, ids=lambda path: path.stem)
 def test_the_flux_workflows_sample_as_flux_dev(path: Path, object_info: dict) -> None:
     """Flux.1 dev as ComfyUI's own example: its fp8 checkpoint, Flux Guidance 3.5 on every prompt the model sees, CFG 1
@@ -433,19 +449,60 @@ def test_the_flux_workflows_sample_as_flux_dev(path: Path, object_info: dict) ->
     values = {node["type"]: node.get("widgets_values") for node in workflow["nodes"]}
     assert values["CheckpointLoaderSimple"] == ["flux1-dev-fp8.safetensors"]
     assert values["KSampler"][3:6] == [1.0, "euler", "simple"]
-    assert values["EmptySD3LatentImage"] == [1024, 1024, 4] and values["MultiCond_BatchPrompts"][1] == 4
-    assert {"MultiCond_SharedAttention", "MultiCond_AdaINStyle"} <= set(values)
+    assert "EmptySD3LatentImage" in values
+    if path.stem.startswith("1"):  # StyleAligned: a batch of 4 at AlignedGen's size
+        assert values["EmptySD3LatentImage"] == [1024, 1024, 4] and values["MultiCond_BatchPrompts"][1] == 4
+        assert {"MultiCond_SharedAttention", "MultiCond_AdaINStyle"} <= set(values)
     graph = ui_to_api(workflow, object_info)
     guided = {node_id for node_id in nodes_of(graph, "FluxGuidance") if graph[node_id]["inputs"]["guidance"] == 3.5}
-    (sampler,) = nodes_of(graph, "KSampler")
-    positives = [graph[sampler]["inputs"]["positive"]]
-    positives += [graph[node_id]["inputs"]["positive"] for node_id in nodes_of(graph, "MultiCond_StyleReference")]
-    assert all(source in guided for source, _ in positives), f"{path.name}: a positive without Flux Guidance 3.5"
+    positives = prompts_the_model_sees(graph)
+    assert positives and all(source in guided for source, _ in positives), \
+        f"{path.name}: a positive without Flux Guidance 3.5"
     for node_id in nodes_of(graph, "MultiCond_StyleReference"):
         assert graph[node_id]["inputs"]["inversion_cfg"] == 1.0  # Flux dev's guidance rides on the prompt
     shrunk = shrink_for_tiny_models(graph)
     (loader,) = nodes_of(shrunk, TINY_LOADER)
     assert shrunk[loader]["inputs"]["family"] == TINY_FLUX_DEV
+
+
+def test_the_prompts_the_model_sees_are_the_blends_two_not_its_output() -> None:
+    graph = {"1": {"class_type": "KSampler", "inputs": {"positive": ["2", 1]}},
+             "2": {"class_type": "MultiCond_EpsilonBlend", "inputs": {"first": ["3", 0], "second": ["4", 0]}},
+             "5": {"class_type": "MultiCond_StyleReference", "inputs": {"positive": ["6", 0]}},
+             **{i: {"class_type": "FluxGuidance", "inputs": {}} for i in "346"}}
+    assert prompts_the_model_sees(graph) == [["3", 0], ["4", 0], ["6", 0]]
+    graph["1"]["inputs"]["positive"] = ["3", 0]
+    assert prompts_the_model_sees(graph) == [["3", 0], ["6", 0]]
+
+
+EPSILON_BLEND_WORKFLOWS = [path for path in WORKFLOWS if path.stem.startswith("3") and "Epsilon Blend" in path.stem]
+BLEND_PROMPTS = ("a cozy house in a village, minecraft style, blocky voxel art",
+                 "a cozy house in a village, van gogh style, swirling brush strokes")
+
+
+def prompt_text(graph: dict[str, dict], source: list) -> str:
+    """The text of a CLIP Text Encode behind a conditioning, through Flux Guidance."""
+    node = graph[source[0]]
+    while node["class_type"] == "FluxGuidance":
+        node = graph[node["inputs"]["conditioning"][0]]
+    assert node["class_type"] == "CLIPTextEncode", node
+    return node["inputs"]["text"]
+
+
+@pytest.mark.parametrize("path", EPSILON_BLEND_WORKFLOWS, ids=lambda path: path.stem)
+def test_the_epsilon_blend_workflows_blend_the_papers_two_styles(path: Path, object_info: dict) -> None:
+    """Every model family: Minecraft on the left, Van Gogh on the right, the paper's sigmoid of sharpness 20, both of
+    the node's outputs into the sampler, one image on a wide latent."""
+    graph = ui_to_api(load_workflow(path), object_info)
+    (blend,) = nodes_of(graph, "MultiCond_EpsilonBlend")
+    inputs = graph[blend]["inputs"]
+    assert (inputs["profile"], inputs["direction"], inputs["center"], inputs["sharpness"]) == \
+        ("sigmoid", "left to right", 0.5, 20.0)
+    assert tuple(prompt_text(graph, inputs[name]) for name in ("first", "second")) == BLEND_PROMPTS
+    (sampler,) = nodes_of(graph, "KSampler")
+    assert graph[sampler]["inputs"]["model"] == [blend, 0] and graph[sampler]["inputs"]["positive"] == [blend, 1]
+    (latent,) = [graph[node_id]["inputs"] for kind in LATENTS for node_id in nodes_of(graph, kind)]
+    assert latent["width"] > latent["height"] and latent["batch_size"] == 1
 
 
 COMPOSED = next(path for path in WORKFLOWS if path.stem.startswith("6 Composed"))
@@ -516,18 +573,29 @@ def test_the_composed_workflow_keeps_every_nodes_effect(server: Server, object_i
         assert difference > COMPOSED_EFFECT, f"{kind} has no effect in the composed workflow ({difference:.1e})"
 
 
-FLUX_STYLE_NODES = ("MultiCond_StyleReference", "MultiCond_SharedAttention", "MultiCond_AdaINStyle")
+# The nodes each DiT workflow is checked to depend on: each, bypassed, changes the sampled latent on the tiny DiT.
+DIT_EFFECT_NODES = {"1e": ("MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
+                    "1f": ("MultiCond_StyleReference", "MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
+                    "3e": ("MultiCond_EpsilonBlend",), "3f": ("MultiCond_EpsilonBlend",)}
+DIT_EFFECT_WORKFLOWS = [path for path in WORKFLOWS if path.stem[:2] in DIT_EFFECT_NODES]
 
 
-@pytest.mark.parametrize("path", FLUX_WORKFLOWS, ids=lambda path: path.stem)
-def test_each_style_node_of_a_flux_workflow_changes_the_result(path: Path, server: Server, object_info: dict) -> None:
-    """On the tiny Flux-dev through the server, each StyleAligned node, bypassed, changes the sampled batch."""
+def test_every_dit_node_check_has_its_workflow() -> None:
+    assert sorted(path.stem[:2] for path in DIT_EFFECT_WORKFLOWS) == sorted(DIT_EFFECT_NODES)
+
+
+@pytest.mark.parametrize("path", DIT_EFFECT_WORKFLOWS, ids=lambda path: path.stem)
+def test_each_pack_node_of_a_dit_workflow_changes_the_result(path: Path, server: Server, object_info: dict) -> None:
+    """On the tiny SD3.5 and Flux-dev through the server, each StyleAligned node and the Epsilon Blend, bypassed,
+    changes the sampled latent (bypassing the blend leaves the first prompt alone)."""
     graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
     tag = path.stem[:2]
+    (loader,) = nodes_of(graph, TINY_LOADER)
+    assert graph[loader]["inputs"]["family"] in ("sd35l", TINY_FLUX_DEV)
     full = final_latent(server, graph, f"{tag}_full")
-    style_nodes = [node_id for node_id, node in graph.items() if node["class_type"] in FLUX_STYLE_NODES]
-    assert len(style_nodes) == 2 + bool(nodes_of(graph, "MultiCond_StyleReference")), style_nodes
-    for node_id in style_nodes:
+    checked = [node_id for node_id, node in graph.items() if node["class_type"] in DIT_EFFECT_NODES[tag]]
+    assert sorted(graph[node_id]["class_type"] for node_id in checked) == sorted(DIT_EFFECT_NODES[tag])
+    for node_id in checked:
         kind = graph[node_id]["class_type"]
         without = final_latent(server, bypassed(graph, node_id, object_info), f"{tag}_without_{kind}")
         difference = float((full - without).abs().max())
