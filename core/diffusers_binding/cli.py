@@ -124,6 +124,15 @@ def add_model_flags(parser: argparse.ArgumentParser, dits: bool = False) -> None
                              "the local Hugging Face cache; nothing is downloaded)")
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--steps and --cfg, unset meaning the family's (`family_defaults`)."""
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']} DDIM steps; "
+                                                  f"{DEFAULT_STEPS['sd3']} Euler steps on SD3 and Flux)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale, > 1 on UNets (default: {DEFAULT_CFG['sd1']:g}; SD3 "
+                             f"{DEFAULT_CFG['sd3']:g}; Flux-dev: its distilled guidance, {DEFAULT_CFG['flux']:g})")
+
+
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N ...; auto: a CUDA GPU when there is one, else cpu")
@@ -291,11 +300,7 @@ def _add_style_aligned_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference-prompt",
                         help="describes --reference-image; not styled (default: none; required with --reference-image)")
     add_model_flags(parser, dits=True)
-    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']} DDIM steps; "
-                                                  f"{DEFAULT_STEPS['sd3']} Euler steps on SD3 and Flux)")
-    parser.add_argument("--cfg", type=float,
-                        help=f"classifier-free guidance scale, > 1 on UNets (default: {DEFAULT_CFG['sd1']:g}; SD3 "
-                             f"{DEFAULT_CFG['sd3']:g}; Flux-dev: its distilled guidance, {DEFAULT_CFG['flux']:g})")
+    add_sampling_flags(parser)
     parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
     parser.add_argument("--size", type=int,
                         help=f"image side in pixels, a multiple of 8 (default: the model's, 512 for SD1.5 and 1024 "
@@ -516,11 +521,7 @@ def _add_dual_style_parser(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--ramp-width", type=float,
                          help="fraction of the frame the linear/cosine ramp spans (default: 1)")
     add_model_flags(parser, dits=True)
-    parser.add_argument("--steps", type=int, help=f"sampler steps (default: {DEFAULT_STEPS['sd1']} DDIM steps; "
-                                                  f"{DEFAULT_STEPS['sd3']} Euler steps on SD3 and Flux)")
-    parser.add_argument("--cfg", type=float,
-                        help=f"classifier-free guidance scale, > 1 on UNets (default: {DEFAULT_CFG['sd1']:g}; SD3 "
-                             f"{DEFAULT_CFG['sd3']:g}; Flux-dev: its distilled guidance, {DEFAULT_CFG['flux']:g})")
+    add_sampling_flags(parser)
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image written")
     for side in ("width", "height"):
         parser.add_argument(f"--{side}", type=int, help=f"pixels, a multiple of 8 (default: the model's; "

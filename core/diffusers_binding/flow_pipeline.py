@@ -28,7 +28,7 @@ from ..layers import LayerSelection
 from ..style import StyleAlignedArgs
 from .joint_style import CFG_CHUNKS, install_style_aligned_dit
 from .joint_style_flux import ALIGNEDGEN_STYLE, install_style_aligned_flux
-from .pipeline import PinnedReference, image_to_tensor, pin_reference, row_generators
+from .pipeline import PinnedReference, image_to_tensor, pin_reference, row_generators, sample_batch
 
 FLUX_PACK = 2  # Flux packs 2x2 latent pixels into one token
 FAMILY_DEFAULT: Final = "family default"  # SD3: the paper's StyleAlignedArgs(); Flux: AlignedGen's
@@ -243,11 +243,7 @@ def generate_flow(pipe: DiffusionPipeline, prompts: Sequence[str], style: Style 
     height = height or default_flow_size(pipe)
     width = width or default_flow_size(pipe)
     latents = initial_flow_latents(pipe, len(prompts), height, width, seed, reference)
-    call = dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
-                width=width, latents=latents, output_type=output_type, **pipeline_kwargs)
-    if reference is not None:
-        call.update(callback_on_step_end=reference.callback, callback_on_step_end_tensor_inputs=["latents"])
-    if style is None:
-        return pipe(**call).images
-    with install_flow_style(pipe, style, guidance_scale, layers):
-        return pipe(**call).images
+    install = None if style is None else (lambda: install_flow_style(pipe, style, guidance_scale, layers))
+    return sample_batch(pipe, dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                                   height=height, width=width, latents=latents, output_type=output_type,
+                                   **pipeline_kwargs), reference, install)

@@ -184,13 +184,21 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], args: StyleAligned
     height = height or default_size(pipe)
     width = width or default_size(pipe)
     latents = initial_latents(pipe, len(prompts), height, width, seed, reference)
-    call = dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
-                width=width, latents=latents, output_type=output_type, **pipeline_kwargs)
+    install = None if args is None else (lambda: install_style_aligned(pipe, args))
+    return sample_batch(pipe, dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                                   height=height, width=width, latents=latents, output_type=output_type,
+                                   **pipeline_kwargs), reference, install)
+
+
+def sample_batch(pipe: DiffusionPipeline, call: dict[str, Any], reference: PinnedReference | None,
+                 install: Callable[[], Any] | None) -> Any:
+    """Call the pipeline with `call`, the reference row pinned by the step callback, inside `install()`'s handle
+    (None: plainly); the pipeline's `images`."""
     if reference is not None:
-        call.update(callback_on_step_end=reference.callback, callback_on_step_end_tensor_inputs=["latents"])
-    if args is None:
+        call = {**call, "callback_on_step_end": reference.callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+    if install is None:
         return pipe(**call).images
-    with install_style_aligned(pipe, args):
+    with install():
         return pipe(**call).images
 
 
