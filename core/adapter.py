@@ -1,7 +1,8 @@
 """Localized control with a masked T2I-Adapter (Domingo-Gregorio et al., `imatge-upc/localized-diffusion`).
 
 The adapter's feature maps are multiplied by the mask resized to each map's size, in training and
-at inference alike (`mask_features`). Training draws one random box mask per sample
+at inference alike (`mask_features`); an SD3/SD3.5 or Flux ControlNet's image-token residuals by the mask
+resized to the token grid (`token_mask`, `mask_tokens`). Training draws one random box mask per sample
 (`random_box_mask`), cubic timesteps (`cubic_timesteps`) and minimises the paper's
 `PredX0EdgeMSELoss` (`localized_loss`): the noise MSE plus λ(t) times the MSE between the Sobel
 magnitudes of the predicted and the true clean latent inside the mask. A canny adapter takes the
@@ -101,6 +102,60 @@ def mask_features(features: Sequence[torch.Tensor], mask: torch.Tensor, mode: st
         resized = resize_mask(mask.to(feature.device, torch.float32), (height, width), mode, feather)
         resized = resized.repeat(batch // mask.shape[0], 1, 1, 1).to(feature.dtype)
         out.append(feature * resized)
+    return out
+
+
+DIT_PATCH = 2  # SD3/SD3.5 and Flux.1 embed 2x2 latent patches as one image token (dit.md §2.6)
+
+
+def token_grid(latent_size: tuple[int, int], patch: int = DIT_PATCH) -> tuple[int, int]:
+    """The image-token grid (rows, columns) of a latent of `latent_size` (H, W): ceil(H/patch), ceil(W/patch)."""
+    height, width = latent_size
+    return math.ceil(height / patch), math.ceil(width / patch)
+
+
+def token_mask(mask: torch.Tensor, latent_size: tuple[int, int], mode: str = "nearest", feather: float = 0.0,
+               patch: int = DIT_PATCH) -> torch.Tensor:
+    """The mask as image-token weights (B|1, L, 1), float32: resized to the token grid, flattened row-major.
+
+    Row-major is the order of ComfyUI's `process_img`/`PatchEmbed` and diffusers' packing (dit.md §4.5).
+    `mode` and `feather` act as in `mask_features`; a mask of ones (zeros) gives exactly 1.0 (0.0).
+    A latent of odd height or width is padded to whole patches by the model: the mask is resized to the
+    latent, its last row/column repeated over the padding, then halved, so each token keeps its place.
+    """
+    grid = token_grid(latent_size, patch)
+    mask = _mask_batch(mask).float()
+    padding = (grid[0] * patch - latent_size[0], grid[1] * patch - latent_size[1])
+    if any(padding):
+        mask = F.pad(resize_mask(mask, latent_size, mode, feather), (0, padding[1], 0, padding[0]), mode="replicate")
+        feather = 0.0  # blurred once, on the latent-sized mask
+    return resize_mask(mask, grid, mode, feather).flatten(1)[..., None]
+
+
+def mask_tokens(residuals: Sequence[torch.Tensor | None], mask: torch.Tensor, latent_size: tuple[int, int],
+                mode: str = "nearest", feather: float = 0.0, patch: int = DIT_PATCH) -> list[torch.Tensor | None]:
+    """Each DiT ControlNet residual (B, L, C) times `token_mask`, out of place; None stays None.
+
+    A tensor repeated in `residuals` (the loaders repeat one block's output over several blocks) is
+    multiplied once and its repeats map to that one product, so ComfyUI's strength, applied once per
+    distinct tensor, still is. A residual batch that is a multiple of the mask batch (the chunks of
+    `cond_or_uncond`) gets the masks repeated. Residuals whose L is not the latent's token count raise.
+    """
+    weights = token_mask(mask, latent_size, mode, feather, patch)
+    products: dict[int, torch.Tensor] = {}  # id -> product; the residuals hold their tensors alive, so ids are stable
+    out: list[torch.Tensor | None] = []
+    for residual in residuals:
+        if residual is not None and id(residual) not in products:
+            if residual.dim() != 3 or residual.shape[1] != weights.shape[1]:
+                raise ValueError(f"a residual of shape {tuple(residual.shape)} is not (batch, {weights.shape[1]} image "
+                                 f"tokens, channels) for a {latent_size[0]}x{latent_size[1]} latent in "
+                                 f"{patch}x{patch} patches")
+            batch = residual.shape[0]
+            if batch % weights.shape[0]:
+                raise ValueError(f"the mask batch ({weights.shape[0]}) must divide the residual batch ({batch})")
+            scale = weights.to(residual.device, residual.dtype).repeat(batch // weights.shape[0], 1, 1)
+            products[id(residual)] = residual * scale
+        out.append(None if residual is None else products[id(residual)])
     return out
 
 

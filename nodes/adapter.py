@@ -2,8 +2,10 @@
 
 The control last applied to a conditioning (by ComfyUI's Apply ControlNet nodes) is copied into a
 subclass whose `control_merge` multiplies each of its own residuals by the mask resized to that
-residual's height and width (`core.adapter.mask_features`) before they are merged with the
-controls applied earlier, which keep working unmasked (mask them with another MaskedAdapter).
+residual's height and width (`core.adapter.mask_features`), or, for an SD3/SD3.5 or Flux ControlNet's
+image-token residuals, by the mask resized to the latent's token grid (`core.adapter.mask_tokens`),
+before they are merged with the controls applied earlier, which keep working unmasked (mask them
+with another MaskedAdapter).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import comfy.controlnet
 import torch
 from comfy_api.latest import io
 
-from ..core.adapter import mask_features
+from ..core.adapter import mask_features, mask_tokens
 from ..core.blend import check_mask, stretch_note
 from ..core.errors import InputError
 from .common import CATEGORY, HIDDEN, checked_label, search_aliases
@@ -36,9 +38,11 @@ class MaskedControl:
     node: str = MASKED_ADAPTER  # the node's label in errors
 
     rows: int = 1  # rows of the model call in flight (a T2I-Adapter's features have one row per hint image)
+    latent_size: tuple[int, int] = (0, 0)  # (H, W) of the model call in flight: a DiT's token grid comes from it
 
     def get_control(self, x_noisy: torch.Tensor, t: Any, cond: Any, batched_number: int, transformer_options: dict) -> Any:
         self.rows, masks = x_noisy.shape[0], self.effect_mask.shape[0] if self.effect_mask.ndim == 3 else 1
+        self.latent_size = tuple(x_noisy.shape[-2:])
         images = self.rows // max(batched_number, 1)
         if masks not in (1, images):
             raise InputError(self.node, "mask", f"{masks} masks for a latent batch of {images} images",
@@ -55,6 +59,9 @@ class MaskedControl:
             logging.warning("%s: %s.", self.node, note)
 
     def control_merge(self, control: dict, control_prev: dict | None, output_dtype: Any) -> dict:
+        # SD3/SD3.5 and Flux ControlNets add image tokens [B, L, C]; UNet controls add feature maps [B, C, H, W].
+        if any(x is not None and x.ndim == 3 for residuals in control.values() for x in residuals):
+            return super().control_merge(self._token_masked(control), control_prev, output_dtype)
         # Resolution levels, finest first, from the widths this call's residuals come at.
         widths = sorted({x.shape[-1] for residuals in control.values() for x in residuals if x is not None}, reverse=True)
         per_image = self.effect_mask.ndim == 3 and self.effect_mask.shape[0] > 1
@@ -69,6 +76,20 @@ class MaskedControl:
                 raise InputError(self.node, "mask", str(error), "Give one mask, or one per latent image.") from error
             masked[key] = [None if x is None else self._level_scaled(next(scaled), widths) for x in residuals]
         return super().control_merge(masked, control_prev, output_dtype)
+
+    def _token_masked(self, control: dict) -> dict:
+        """An SD3/SD3.5 or Flux ControlNet's residuals [B, L, C] (image tokens), each distinct tensor masked once."""
+        if self.level_strengths:
+            raise InputError(self.node, "level_strengths", "an SD3/SD3.5 or Flux ControlNet's residuals are image "
+                             "tokens at one resolution: there are no levels to weight", "Leave level_strengths empty, "
+                             "and lower the strength in Apply ControlNet instead.")
+        try:
+            return {key: mask_tokens(list(residuals), self.effect_mask, self.latent_size, self.resize, self.feather)
+                    for key, residuals in control.items()}
+        except ValueError as error:
+            raise InputError(self.node, "positive", f"the control's residuals are not what this node can mask: {error}",
+                             "Use the node with UNet ControlNets/T2I-Adapters or with SD3/SD3.5 and Flux.1 ControlNets, "
+                             "or apply this control without it.") from error
 
     def _level_scaled(self, residual: torch.Tensor, widths: list[int]) -> torch.Tensor:
         if not self.level_strengths:
@@ -126,7 +147,8 @@ class MaskedAdapter(io.ComfyNode):
             category=f"{CATEGORY}/control",
             description="Localized control (Domingo-Gregorio et al.): the T2I-Adapter or ControlNet last applied to these "
                         "conditionings acts only inside the mask; every residual is multiplied by the mask resized to "
-                        "its own size (nearest, as the paper). The mask is an EFFECT mask (1 = the control acts), not an "
+                        "its own size (nearest, as the paper), an SD3/SD3.5 or Flux ControlNet's image tokens by the "
+                        "mask resized to the token grid. The mask is an EFFECT mask (1 = the control acts), not an "
                         "inpainting mask: the whole image is still generated. Controls applied earlier are left as "
                         "they are. Controls from Advanced-ControlNet are not supported: use its own mask input.",
             inputs=[
@@ -137,12 +159,14 @@ class MaskedAdapter(io.ComfyNode):
                                               "another aspect ratio is stretched to the latent, as ComfyUI's masked "
                                               "conditioning does (the log says so)."),
                 io.Combo.Input("resize", options=list(RESIZE_MODES), default="nearest",
-                               tooltip="How the mask is resized to each residual (paper: nearest)."),
+                               tooltip="How the mask is resized to each residual, or to the token grid of an "
+                                       "SD3/SD3.5 or Flux ControlNet (paper: nearest)."),
                 io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=0.5,
                                tooltip="Gaussian blur of the mask in mask pixels before resizing (0 = a hard edge, as the paper)."),
                 io.String.Input("level_strengths", default="",
                                 tooltip="Optional strengths per resolution level, finest first, e.g. '1, 1, 0.8, 0.5'; "
-                                        "empty = 1 everywhere."),
+                                        "empty = 1 everywhere. UNet controls only: an SD3/SD3.5 or Flux ControlNet has "
+                                        "one level."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="The positive with its control masked."),

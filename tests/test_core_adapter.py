@@ -413,3 +413,70 @@ def test_sobel_lf_mse_is_the_originals_update_sobel() -> None:
     assert all(math.isnan(v) for v in lf_mse_sobel(generated, np.where(box > 0, 0, condition), box).values())
     with pytest.raises(ValueError, match="one size.*resize the condition and the mask"):
         lf_mse_sobel(generated, condition[:8], box)
+
+
+# ---------------------------------------------------------------- SD3/SD3.5 and Flux ControlNet tokens
+
+from multicond.core.adapter import mask_tokens, token_grid, token_mask  # noqa: E402
+
+
+def test_token_grid_is_the_ceiling_of_half_the_latent() -> None:
+    assert token_grid((16, 12)) == (8, 6) and token_grid((9, 13)) == (5, 7) and token_grid((128, 128)) == (64, 64)
+
+
+def test_token_mask_is_the_grid_mask_flattened_row_major() -> None:
+    mask = torch.rand(1, 16 * 8, 12 * 8)                        # at pixel resolution, a 16x12 latent
+    weights = token_mask(mask, (16, 12))
+    assert weights.shape == (1, 48, 1) and weights.dtype == torch.float32
+    # nearest from 128x96 to 8x6 takes every 16th pixel; row-major as Flux's `b c (h ph) (w pw) -> b (h w) ...`
+    assert torch.equal(weights[0, :, 0], mask[0, ::16, ::16].reshape(-1))
+    latent = torch.rand(2, 10, 16)                               # at latent resolution, wide, two masks
+    assert torch.equal(token_mask(latent, (10, 16))[..., 0], latent[:, ::2, ::2].reshape(2, -1))
+
+
+def test_token_mask_of_an_odd_latent_keeps_each_token_at_its_place() -> None:
+    mask = torch.zeros(9, 13)
+    mask[:, :6] = 1.0                                            # latent columns 0-5: tokens 0-2
+    weights = token_mask(mask, (9, 13)).view(5, 7)
+    # Stretched over the padded 7-token row, token 3 would read column 5 (inside); in place it reads column 6.
+    assert weights[:, :3].eq(1).all() and weights[:, 3:].eq(0).all()
+    bottom = torch.zeros(9, 13)
+    bottom[8] = 1.0                                              # the last latent row: the padded token row repeats it
+    assert token_mask(bottom, (9, 13)).view(5, 7)[4].eq(1).all()
+
+
+@pytest.mark.parametrize("mode,feather", [("nearest", 0.0), ("bilinear", 0.0), ("area", 3.0)])
+def test_token_masks_of_ones_and_zeros_are_exact(mode: str, feather: float) -> None:
+    assert token_mask(torch.ones(64, 48), (16, 12), mode, feather).eq(1.0).all()
+    assert token_mask(torch.zeros(64, 48), (16, 12), mode, feather).eq(0.0).all()
+
+
+def test_a_repeated_residual_is_multiplied_once_out_of_place() -> None:
+    shared, other = torch.randn(4, 48, 8), torch.randn(4, 48, 8)
+    before = shared.clone()
+    mask = torch.zeros(16, 12)
+    mask[:, :6] = 1.0                                            # the left half: token columns 0..2
+    out = mask_tokens([shared, shared, None, other, shared], mask, (16, 12))
+    assert out[0] is out[1] is out[4] and out[2] is None and out[3] is not out[0]
+    assert torch.equal(shared, before)                           # the host's tensor is never written to
+    left = torch.zeros(8, 6, dtype=torch.bool)
+    left[:, :3] = True
+    left = left.reshape(-1)
+    assert torch.equal(out[0][:, left], shared[:, left]) and out[0][:, ~left].eq(0).all()
+    assert torch.equal(out[3], other * token_mask(mask, (16, 12)))
+
+
+def test_mask_tokens_repeats_the_mask_batch_per_chunk() -> None:
+    residual = torch.ones(4, 48, 3)                               # [uncond 0, uncond 1, cond 0, cond 1]
+    masks = torch.stack([torch.ones(16, 12), torch.zeros(16, 12)])
+    (out,) = mask_tokens([residual], masks, (16, 12))
+    assert out[[0, 2]].eq(1).all() and out[[1, 3]].eq(0).all()
+
+
+def test_mask_tokens_rejects_other_token_counts_and_batches() -> None:
+    with pytest.raises(ValueError, match="not \\(batch, 48 image tokens, channels\\) for a 16x12 latent"):
+        mask_tokens([torch.ones(2, 40, 3)], torch.ones(16, 12), (16, 12))
+    with pytest.raises(ValueError, match="not \\(batch, 48 image tokens"):
+        mask_tokens([torch.ones(2, 4, 8, 6)], torch.ones(16, 12), (16, 12))
+    with pytest.raises(ValueError, match="mask batch \\(2\\) must divide the residual batch \\(3\\)"):
+        mask_tokens([torch.ones(3, 48, 3)], torch.ones(2, 16, 12), (16, 12))
