@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("install_flow_epsilon_blend",), "dual_style_flow"),
     **dict.fromkeys(("FAMILY_DEFAULT", "encode_flow_image", "flow_sigmas", "flow_velocity", "generate_flow",
                      "invert_flow_image", "invert_flow_latent", "pin_flow_reference"), "flow_pipeline"),
+    **dict.fromkeys(("install_masked_controlnet",), "masked_control"),
     **dict.fromkeys(("PinnedReference", "encode_image", "generate", "initial_latents", "invert_image", "invert_latent",
                      "load_checkpoint", "pin_reference"), "pipeline"),
     **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",

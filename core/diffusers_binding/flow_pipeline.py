@@ -17,7 +17,8 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -36,16 +37,18 @@ Style = StyleAlignedArgs | JointStyle | Literal["family default"] | None
 
 
 def flow_family(pipe: Any) -> str | None:
-    """"sd3" for an SD3/SD3.5 pipeline, "flux" for a Flux one, None for any other."""
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    """"sd3" for a pipeline with an SD3/SD3.5 transformer, "flux" for one with a Flux transformer (text-to-image,
+    ControlNet, ... pipelines alike), None for any other."""
+    transformer = getattr(pipe, "transformer", None) if isinstance(pipe, DiffusionPipeline) else None
+    if isinstance(transformer, SD3Transformer2DModel):
         return "sd3"
-    return "flux" if isinstance(pipe, FluxPipeline) else None
+    return "flux" if isinstance(transformer, FluxTransformer2DModel) else None
 
 
 def _family(pipe: Any) -> str:
     family = flow_family(pipe)
     if family is None:
-        raise TypeError(f"expected a StableDiffusion3Pipeline or FluxPipeline, got {type(pipe).__name__}")
+        raise TypeError(f"expected an SD3/SD3.5 or Flux pipeline, got {type(pipe).__name__}")
     return family
 
 
