@@ -23,11 +23,7 @@ from .comfy_host import find_comfyui
 if find_comfyui() is None:
     pytest.skip("no ComfyUI found (see tests/comfyui/conftest.py)", allow_module_level=True)
 
-import comfy.cldm.dit_embedder  # noqa: E402
 import comfy.controlnet  # noqa: E402
-import comfy.latent_formats  # noqa: E402
-import comfy.ldm.flux.controlnet  # noqa: E402
-import comfy.ops  # noqa: E402
 import comfy.sd  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +38,6 @@ from . import tiny, tiny_dit  # noqa: E402
 from .graph import call  # noqa: E402
 
 CPU = torch.device("cpu")
-OPS = comfy.ops.disable_weight_init  # what the loaders pick for float32 weights
 LATENT = (16, 12)  # non-square (tall): an 8x6 token grid, 48 tokens
 WIDE = (10, 16)    # non-square (wide): a 5x8 token grid
 STEPS, CFG = 2, 4.0
@@ -72,31 +67,12 @@ def sd3_controlnet(seed: int = 0) -> comfy.controlnet.ControlNet:
 
 def sd35_controlnet(seed: int = 0) -> comfy.controlnet.ControlNet:
     """An SD3.5 (blur/canny/depth-style) ControlNet: one block, repeated over the two main blocks."""
-    model = comfy.cldm.dit_embedder.ControlNetEmbedder(
-        img_size=None, patch_size=2, in_chans=16, num_layers=1, main_model_double=2, double_y_emb=False,
-        attention_head_dim=64, num_attention_heads=2, adm_in_channels=tiny_dit.POOLED_WIDTH, device=CPU,
-        dtype=torch.float32, operations=OPS)
-    tiny.randomize(model, seed)
-    return comfy.controlnet.ControlNetSD35(model, compression_ratio=1, latent_format=comfy.latent_formats.SD3(),
-                                           load_device=CPU)
+    return tiny.build_sd35_controlnet(seed, pooled_width=tiny_dit.POOLED_WIDTH, load_device=CPU)
 
 
 def flux_controlnet(main: Any, union: bool, seed: int = 0) -> comfy.controlnet.ControlNet:
     """XLabs (image hint, double blocks only) or InstantX/Union (latent hint, a union type set); one block each."""
-    config = {k: v for k, v in main.model.model_config.unet_config.items()
-              if k not in ("dtype", "device", "operations")}
-    config.update(depth=1, depth_single_blocks=1 if union else 0)
-    if not union:
-        model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=OPS, device=CPU, dtype=torch.float32, **config)
-        tiny.randomize(model, seed)
-        return comfy.controlnet.ControlNet(model, load_device=CPU, extra_conds=["y", "guidance"])
-    model = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, num_union_modes=10, control_latent_channels=16,
-                                                     operations=OPS, device=CPU, dtype=torch.float32, **config)
-    tiny.randomize(model, seed)
-    control = comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=comfy.latent_formats.Flux(),
-                                          load_device=CPU, extra_conds=["y", "guidance"])
-    control.set_extra_arg("control_type", [1])  # what Set Union ControlNet Type does ("depth")
-    return control
+    return tiny.build_flux_controlnet(main, union, seed, load_device=CPU)
 
 
 @dataclass

@@ -257,7 +257,11 @@ def test_there_are_workflows() -> None:
                                                  "1e StyleAligned - Flux.1 dev batch in one style",
                                                  "1f StyleAligned - Flux.1 dev style from a reference image",
                                                  "3e Epsilon Blend - SD3.5 Large two styles in one image",
-                                                 "3f Epsilon Blend - Flux.1 dev two styles in one image"}
+                                                 "3f Epsilon Blend - Flux.1 dev two styles in one image",
+                                                 "3g Cross-Attention Blend - SD3.5 Large two styles in one image",
+                                                 "3h Cross-Attention Blend - Flux.1 dev two styles in one image",
+                                                 "5c Masked Adapter - SD3.5 Large canny ControlNet only in a box",
+                                                 "5d Masked Adapter - Flux.1 dev canny ControlNet only in a box"}
 
 
 def http_bytes(url: str) -> bytes:
@@ -427,14 +431,20 @@ def test_the_sd35_workflow_samples_as_cb35() -> None:
 FLUX_WORKFLOWS = [path for path in WORKFLOWS if "Flux" in path.stem]
 
 
+# Nodes that hand on the conditioning they take (with a control attached): output 0 is the positive, 1 the negative.
+CONTROL_NODES = ("ControlNetApplyAdvanced", "ControlNetApplySD3", "MultiCond_MaskedAdapter")
+
+
 def prompts_the_model_sees(graph: dict[str, dict]) -> list[list]:
-    """The positives the model is called with: the sampler's and Style Reference's, and for an Epsilon Blend output
-    its first and second prompts (the node hands the model those two)."""
+    """The positives the model is called with: the sampler's and Style Reference's (through the nodes that attach a
+    ControlNet), and for an Epsilon Blend output its first and second prompts (the node hands the model those two)."""
     (sampler,) = nodes_of(graph, "KSampler")
     sources = [graph[sampler]["inputs"]["positive"]]
     sources += [graph[node_id]["inputs"]["positive"] for node_id in nodes_of(graph, "MultiCond_StyleReference")]
     seen = []
     for source in sources:
+        while graph[source[0]]["class_type"] in CONTROL_NODES:
+            source = graph[source[0]]["inputs"][("positive", "negative")[source[1]]]
         node = graph[source[0]]
         seen += ([node["inputs"]["first"], node["inputs"]["second"]] if node["class_type"] == "MultiCond_EpsilonBlend"
                  else [source])
@@ -473,6 +483,14 @@ def test_the_prompts_the_model_sees_are_the_blends_two_not_its_output() -> None:
     assert prompts_the_model_sees(graph) == [["3", 0], ["4", 0], ["6", 0]]
     graph["1"]["inputs"]["positive"] = ["3", 0]
     assert prompts_the_model_sees(graph) == [["3", 0], ["6", 0]]
+    # Through Apply ControlNet and Masked Adapter, each output back to the conditioning of its own kind.
+    graph["1"]["inputs"]["positive"] = ["7", 0]
+    graph["7"] = {"class_type": "MultiCond_MaskedAdapter", "inputs": {"positive": ["8", 0], "negative": ["8", 1]}}
+    graph["8"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["4", 0], "negative": ["9", 0]}}
+    graph["9"] = {"class_type": "CLIPTextEncode", "inputs": {}}
+    assert prompts_the_model_sees(graph) == [["4", 0], ["6", 0]]
+    graph["1"]["inputs"]["positive"] = ["7", 1]
+    assert prompts_the_model_sees(graph) == [["9", 0], ["6", 0]]
 
 
 EPSILON_BLEND_WORKFLOWS = [path for path in WORKFLOWS if path.stem.startswith("3") and "Epsilon Blend" in path.stem]
@@ -503,6 +521,56 @@ def test_the_epsilon_blend_workflows_blend_the_papers_two_styles(path: Path, obj
     assert graph[sampler]["inputs"]["model"] == [blend, 0] and graph[sampler]["inputs"]["positive"] == [blend, 1]
     (latent,) = [graph[node_id]["inputs"] for kind in LATENTS for node_id in nodes_of(graph, kind)]
     assert latent["width"] > latent["height"] and latent["batch_size"] == 1
+
+
+CROSS_ATTENTION_BLEND_WORKFLOWS = [path for path in WORKFLOWS if "Cross-Attention Blend" in path.stem]
+
+
+@pytest.mark.parametrize("path", CROSS_ATTENTION_BLEND_WORKFLOWS, ids=lambda path: path.stem)
+def test_the_cross_attention_blend_workflows_blend_the_papers_two_styles(path: Path, object_info: dict) -> None:
+    """Every model family: Minecraft (the sampler's positive) on the left, Van Gogh (the node's second) on the right,
+    the paper's cross-attention sigmoid of sharpness 30 on every layer, one image on a wide latent."""
+    graph = ui_to_api(load_workflow(path), object_info)
+    (blend,) = nodes_of(graph, "MultiCond_CrossAttnBlend")
+    inputs = graph[blend]["inputs"]
+    assert (inputs["profile"], inputs["direction"], inputs["center"], inputs["sharpness"]) == \
+        ("sigmoid", "left to right", 0.5, 30.0)
+    assert "layers" not in inputs and "mask" not in inputs
+    (sampler,) = nodes_of(graph, "KSampler")
+    assert graph[sampler]["inputs"]["model"] == [blend, 0]
+    assert (prompt_text(graph, graph[sampler]["inputs"]["positive"]), prompt_text(graph, inputs["second"])) == \
+        BLEND_PROMPTS
+    (latent,) = [graph[node_id]["inputs"] for kind in LATENTS for node_id in nodes_of(graph, kind)]
+    assert latent["width"] > latent["height"] and latent["batch_size"] == 1
+
+
+DIT_CONTROLNET_WORKFLOWS = [path for path in WORKFLOWS if path.stem[:2] in ("5c", "5d")]
+
+
+@pytest.mark.parametrize("path", DIT_CONTROLNET_WORKFLOWS, ids=lambda path: path.stem)
+def test_the_dit_masked_adapter_workflows_mask_the_family_controlnet_in_the_box(path: Path, object_info: dict) -> None:
+    """Apply ControlNet (with the VAE where the ControlNet encodes its hint: SD3.5) -> Masked Adapter -> sampler, the
+    centred box of 5b, and the shrinker loads a tiny ControlNet of the tiny model's own family."""
+    graph = ui_to_api(load_workflow(path), object_info)
+    (apply,) = nodes_of(graph, "ControlNetApplyAdvanced")
+    (masked,) = nodes_of(graph, "MultiCond_MaskedAdapter")
+    (sampler,) = nodes_of(graph, "KSampler")
+    (loader,) = nodes_of(graph, "ControlNetLoader")
+    assert graph[masked]["inputs"]["positive"] == [apply, 0] and graph[masked]["inputs"]["negative"] == [apply, 1]
+    assert graph[sampler]["inputs"]["positive"] == [masked, 0] and graph[sampler]["inputs"]["negative"] == [masked, 1]
+    assert graph[graph[apply]["inputs"]["image"][0]]["class_type"] == "Canny"
+    (composite,) = nodes_of(graph, "MaskComposite")
+    assert graph[masked]["inputs"]["mask"] == [composite, 0]
+    assert (graph[composite]["inputs"]["x"], graph[composite]["inputs"]["y"]) == (256, 256)
+    sd35 = "SD3.5" in path.stem
+    name = graph[loader]["inputs"]["control_net_name"]
+    assert ("sd3.5_large_controlnet_canny" in name) if sd35 else ("flux" in name and "canny" in name), name
+    assert ("vae" in graph[apply]["inputs"]) == sd35  # SD3.5's ControlNet encodes its hint; XLabs' reads the image
+    shrunk = shrink_for_tiny_models(graph)
+    (tiny_loader,) = nodes_of(shrunk, TINY_LOADER)
+    (tiny_control,) = nodes_of(shrunk, "MultiCondTest_TinyControlNet")
+    family = "sd35l" if sd35 else TINY_FLUX_DEV
+    assert shrunk[tiny_loader]["inputs"]["family"] == shrunk[tiny_control]["inputs"]["family"] == family
 
 
 COMPOSED = next(path for path in WORKFLOWS if path.stem.startswith("6 Composed"))
@@ -576,7 +644,9 @@ def test_the_composed_workflow_keeps_every_nodes_effect(server: Server, object_i
 # The nodes each DiT workflow is checked to depend on: each, bypassed, changes the sampled latent on the tiny DiT.
 DIT_EFFECT_NODES = {"1e": ("MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
                     "1f": ("MultiCond_StyleReference", "MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
-                    "3e": ("MultiCond_EpsilonBlend",), "3f": ("MultiCond_EpsilonBlend",)}
+                    "3e": ("MultiCond_EpsilonBlend",), "3f": ("MultiCond_EpsilonBlend",),
+                    "3g": ("MultiCond_CrossAttnBlend",), "3h": ("MultiCond_CrossAttnBlend",),
+                    "5c": ("MultiCond_MaskedAdapter",), "5d": ("MultiCond_MaskedAdapter",)}
 DIT_EFFECT_WORKFLOWS = [path for path in WORKFLOWS if path.stem[:2] in DIT_EFFECT_NODES]
 
 
@@ -586,8 +656,9 @@ def test_every_dit_node_check_has_its_workflow() -> None:
 
 @pytest.mark.parametrize("path", DIT_EFFECT_WORKFLOWS, ids=lambda path: path.stem)
 def test_each_pack_node_of_a_dit_workflow_changes_the_result(path: Path, server: Server, object_info: dict) -> None:
-    """On the tiny SD3.5 and Flux-dev through the server, each StyleAligned node and the Epsilon Blend, bypassed,
-    changes the sampled latent (bypassing the blend leaves the first prompt alone)."""
+    """On the tiny SD3.5 and Flux-dev through the server, each StyleAligned node, either blend and the Masked Adapter,
+    bypassed, changes the sampled latent (bypassing a blend leaves the first prompt alone, bypassing the Masked
+    Adapter lets the ControlNet act on the whole image)."""
     graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
     tag = path.stem[:2]
     (loader,) = nodes_of(graph, TINY_LOADER)

@@ -164,3 +164,50 @@ def flux_from_diffusers(source: torch.nn.Module, variant: str = "dev") -> comfy.
     assert set(converted) == expected, f"unmapped Flux weights: {sorted(expected ^ set(converted))[:4]}"
     model.load_model_weights(converted, "")
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def build_sd35_controlnet(seed: int = 0, pooled_width: int = 32, load_device: torch.device | None = None):
+    """A tiny random SD3.5 (blur/canny/depth-style) ControlNet, as the host's `load_controlnet_sd35` makes it: a
+    `ControlNetSD35` around a one-block `ControlNetEmbedder` repeated over the two joint blocks of the tiny SD3.5
+    (hidden 2 heads x 64); its hint is the VAE-encoded image. `pooled_width` is the main model's (the real loader
+    fixes 2048)."""
+    import comfy.cldm.dit_embedder
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ops
+
+    cpu = torch.device("cpu")
+    model = comfy.cldm.dit_embedder.ControlNetEmbedder(
+        img_size=None, patch_size=2, in_chans=16, num_layers=1, main_model_double=2, double_y_emb=False,
+        attention_head_dim=64, num_attention_heads=2, adm_in_channels=pooled_width, device=cpu,
+        dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    randomize(model, seed)
+    return comfy.controlnet.ControlNetSD35(model, compression_ratio=1, latent_format=comfy.latent_formats.SD3(),
+                                           load_device=load_device or cpu)
+
+
+def build_flux_controlnet(main: comfy.model_patcher.ModelPatcher, union: bool = False, seed: int = 0,
+                          load_device: torch.device | None = None):
+    """A tiny random Flux ControlNet of one block for the Flux `main` (its sizes), as the host's loaders make them:
+    XLabs (`union` False: image hint, double blocks only) or InstantX/Union (latent hint, a union type set)."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    cpu, ops = torch.device("cpu"), comfy.ops.disable_weight_init
+    device = load_device or cpu
+    config = {k: v for k, v in main.model.model_config.unet_config.items()
+              if k not in ("dtype", "device", "operations")}
+    config.update(depth=1, depth_single_blocks=1 if union else 0)
+    if not union:
+        model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=ops, device=cpu, dtype=torch.float32, **config)
+        randomize(model, seed)
+        return comfy.controlnet.ControlNet(model, load_device=device, extra_conds=["y", "guidance"])
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, num_union_modes=10, control_latent_channels=16,
+                                                     operations=ops, device=cpu, dtype=torch.float32, **config)
+    randomize(model, seed)
+    control = comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=comfy.latent_formats.Flux(),
+                                          load_device=device, extra_conds=["y", "guidance"])
+    control.set_extra_arg("control_type", [1])  # what Set Union ControlNet Type does ("depth")
+    return control

@@ -13,6 +13,9 @@ Family "flux1_dev" is Flux.1-dev-like: the MODEL is ComfyUI's Flux built from th
 transformer (built directly: ComfyUI's detection fixes Flux's real head count), the CLIP is comfy's own Flux text
 encoder (CLIP-L + T5-XXL, real tokenizers) with tiny configs giving the model's context width 32 and pooled 16, and
 the VAE the 16-channel one of "sd35l".
+`MultiCondTest_TinyControlNet` stands in for ControlNetLoader: a UNet ControlNet of the family's tiny UNet, on "sd35l"
+an SD3.5 ControlNet (its hint VAE-encoded, as Stability's canny/blur/depth ones) and on "flux1_dev" an XLabs Flux
+ControlNet (the image as its hint), each of one block sized to the tiny DiT (builders in tests/comfyui/tiny.py).
 Nothing is downloaded and nothing is read from disk but the tokenizers that ship with ComfyUI.
 """
 
@@ -194,7 +197,9 @@ class TinyCheckpoint(TinyLoader):
 
 
 class TinyControlNet(TinyLoader):
-    """Stands in for ControlNetLoader: a tiny random ControlNet matching the tiny model of the family."""
+    """Stands in for ControlNetLoader: a tiny random ControlNet matching the tiny model of the family (a UNet
+    ControlNet; on "sd35l" an SD3.5 ControlNet, on "flux1_dev" an XLabs-style Flux ControlNet, sized to those
+    models)."""
 
     RETURN_TYPES = ("CONTROL_NET",)
     FUNCTION = "load"
@@ -202,6 +207,12 @@ class TinyControlNet(TinyLoader):
 
     def load(self, family: str, seed: int) -> tuple[Any]:
         tiny = _load_tiny_module()
+        if family == SD35:  # an SD3.5-Large ControlNet (canny/blur/depth): its hint goes through the VAE
+            pooled = _load_tiny_dit_module().POOLED_WIDTH
+            return (tiny.build_sd35_controlnet(seed + 3, pooled_width=pooled, load_device=mm.get_torch_device()),)
+        if family == FLUX_DEV:  # an XLabs Flux ControlNet (canny/depth): the image itself is its hint
+            main = tiny.flux_from_diffusers(_load_tiny_dit_module().tiny_flux_transformer("dev", seed), "dev")
+            return (tiny.build_flux_controlnet(main, union=False, seed=seed + 3, load_device=mm.get_torch_device()),)
         context = SDXL_CONTEXT if tiny.family(family) == "sdxl" else None
         return (tiny.build_controlnet(family, seed + 3, context_dim=context),)
 
