@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .layers import LayerId, UNetLayout
 
@@ -164,16 +165,22 @@ def spatial_term(distance: torch.Tensor, settings: SpatialSettings) -> torch.Ten
     return PHI[settings.phi](settings.alpha * (settings.margin - distance))
 
 
-def layer_loss(map_a: torch.Tensor, map_b: torch.Tensor, role: str, settings: SpatialSettings) -> torch.Tensor:
-    """Per image: lambda_spatial L_sp + lambda_E L_E, L_E = var_A + var_B (presence) or |var_A - var_B| (balance)."""
+def compound_loss(map_a: torch.Tensor, map_b: torch.Tensor, settings: SpatialSettings, presence: bool,
+                  balance: bool) -> torch.Tensor:
+    """Per image: lambda_spatial L_sp, plus lambda_presence (var_A + var_B) and lambda_balance |var_A - var_B| when asked."""
     ax, ay, var_a = centroid_and_variance(map_a)
     bx, by, var_b = centroid_and_variance(map_b)
-    spatial = spatial_term(relation_distance(settings.relation, (ax, ay), (bx, by)), settings)
-    if role == PRESENCE:
-        energy = settings.lambda_presence * (var_a + var_b)
-    else:
-        energy = settings.lambda_balance * (var_a - var_b).abs()
-    return settings.lambda_spatial * spatial + energy
+    loss = settings.lambda_spatial * spatial_term(relation_distance(settings.relation, (ax, ay), (bx, by)), settings)
+    if presence:
+        loss = loss + settings.lambda_presence * (var_a + var_b)
+    if balance:
+        loss = loss + settings.lambda_balance * (var_a - var_b).abs()
+    return loss
+
+
+def layer_loss(map_a: torch.Tensor, map_b: torch.Tensor, role: str, settings: SpatialSettings) -> torch.Tensor:
+    """Per image: lambda_spatial L_sp + lambda_E L_E, L_E = var_A + var_B (presence) or |var_A - var_B| (balance)."""
+    return compound_loss(map_a, map_b, settings, presence=role == PRESENCE, balance=role != PRESENCE)
 
 
 @dataclass(frozen=True)
@@ -233,3 +240,93 @@ def guidance_layers(layout: UNetLayout) -> dict[LayerId, str]:
             if layer.depth == 0:
                 chosen[layer] = PRESENCE if rank == 0 else BALANCE
     return chosen
+
+
+# --- SD3/SD3.5: joint attention (InfSplign's sd3_guidance_modular.py, dit.md section 4.4) ---------------------
+
+CLIP_TOKENS = 77  # SD3's text is [CLIP-L+G (77 tokens), T5]: the seed reads the CLIP part only
+THRESHOLD_QUANTILE, THRESHOLD_STEEPNESS = 0.5, 50.0  # the seed's soft threshold (GuidanceConfig)
+SEED_DEPTH = 24  # SD3-medium, the model the seed's block numbers are for
+EARLY_BLOCKS, LATE_BLOCKS = (4, 8), (8, 10)  # the seed's blocks 4-7 and 8-9 (get_adaptive_blocks), half-open
+LATE_FRACTION = 0.35  # the seed measures the late blocks once (N - i) / N <= 0.35
+SEED_STEP, SEED_WEIGHT = 30.0, 1000.0  # the seed's latent step 30 at the node's default weight (the paper's 1000)
+ROW_CHUNK = 1024  # image query rows per log-sum-exp chunk
+
+
+def _row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return (q @ k.transpose(-1, -2) * scale).logsumexp(dim=-1)
+
+
+def image_text_probabilities(q: torch.Tensor, k: torch.Tensor, image: tuple[int, int], text: tuple[int, int],
+                             chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """`(B, L_i, T)`: the head-averaged joint softmax(q k^T / sqrt(d)) of image query rows x text key columns.
+
+    q, k are `(B, H, L, D)`; `image` and `text` are `(start, stop)` spans of the sequence. The softmax's
+    normaliser is a log-sum-exp over all keys, chunked over image rows (and recomputed chunk by chunk in the
+    backward pass), so the `(B, H, L_i, L)` probability matrix of the seed's explicit softmax never exists.
+    """
+    precision = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32, as upcast attention
+    q_image = q[:, :, image[0]:image[1]].to(precision)
+    keys = k.to(precision)
+    scale = q.shape[-1] ** -0.5
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    parts = []
+    for start in range(0, q_image.shape[2], chunk):
+        rows = q_image[:, :, start:start + chunk]
+        parts.append(torch.utils.checkpoint.checkpoint(_row_logsumexp, rows, keys, scale, use_reentrant=False)
+                     if grad else _row_logsumexp(rows, keys, scale))
+    lse = torch.cat(parts, dim=2)
+    scores = q_image @ keys[:, :, text[0]:text[1]].transpose(-1, -2) * scale
+    return (scores - lse[..., None]).exp().mean(dim=1)
+
+
+def soft_threshold(maps: torch.Tensor, quantile: float = THRESHOLD_QUANTILE,
+                   steepness: float = THRESHOLD_STEEPNESS) -> torch.Tensor:
+    """`(B, H, W)` maps times sigmoid(steepness (A - q(A))), q the per-map quantile (seed: apply_soft_threshold)."""
+    threshold = torch.quantile(maps.flatten(1).float(), quantile, dim=1).to(maps.dtype)
+    return maps * torch.sigmoid(steepness * (maps - threshold[:, None, None]))
+
+
+def joint_object_map(probs: torch.Tensor, grid: tuple[int, int], tokens: Sequence[int]) -> torch.Tensor:
+    """`(B, h, w)`: the mean of a word's token columns on the token grid, soft-thresholded (no resize, as the seed)."""
+    return soft_threshold(probs[..., list(tokens)].mean(dim=-1).reshape(probs.shape[0], *grid))
+
+
+def joint_guidance_loss(blocks: Sequence[torch.Tensor], grid: tuple[int, int], tokens_a: Sequence[int],
+                        tokens_b: Sequence[int], settings: SpatialSettings) -> torch.Tensor:
+    """The per-image loss `(B,)` of the seed's CentroidLossStrategy on the block-averaged maps.
+
+    The seed averages the maps over its blocks and applies presence and balance together
+    (sd3_guidance_modular.py:1004-1008); the UNet version instead averages per-layer losses with one
+    energy term per layer, as the paper (`guidance_loss`).
+    """
+    if not blocks:
+        raise ValueError("no joint-attention maps were recorded for the guidance")
+    probs = torch.stack(list(blocks)).mean(dim=0)
+    return compound_loss(joint_object_map(probs, grid, tokens_a), joint_object_map(probs, grid, tokens_b), settings,
+                         presence=True, balance=True)
+
+
+def joint_guidance_blocks(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(early, late) joint blocks: the seed's 4-7 and 8-9 of SD3-medium's 24, as the same fractions of `depth`.
+
+    Each range keeps at least one block, so a 2-block model measures block 0 at every step.
+    """
+    def span(start: int, stop: int) -> tuple[int, ...]:
+        first = min(start * depth // SEED_DEPTH, depth - 1)
+        return tuple(range(first, max(stop * depth // SEED_DEPTH, first + 1)))
+
+    return span(*EARLY_BLOCKS), span(*LATE_BLOCKS)
+
+
+def flow_guided_denoised(denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: float, gradient: torch.Tensor,
+                         weight: float) -> torch.Tensor:
+    """The seed's x <- x - s dL/dx before its Euler step (velocity reused), as a change of denoised = x - sigma v.
+
+    An Euler step from sigma to sigma_next moves x by (sigma_next - sigma) (x - denoised) / sigma, so shifting
+    denoised by -s sigma / (sigma - sigma_next) dL/dx moves the next latent by exactly -s dL/dx. The step is
+    s = 30 weight / 1000: the seed's 30 at the node's default weight.
+    """
+    sigma = sigma.reshape(-1, *[1] * (denoised.ndim - 1)).to(denoised)
+    step = SEED_STEP * weight / SEED_WEIGHT
+    return denoised - step * sigma / (sigma - sigma_next) * gradient.to(denoised)

@@ -152,3 +152,91 @@ def test_find_subsequence():
     assert find_subsequence([49406, 320, 2368, 531, 518, 320, 1929, 49407], [2368]) == [2]
     assert find_subsequence([1, 5, 6, 2, 5, 6], [5, 6], exclude=[1, 2]) == [4, 5]
     assert find_subsequence([1, 2, 3], [4]) == []
+
+
+# --- SD3/SD3.5: joint attention (dit.md section 4.4) ---------------------------------------------------------------
+
+from multicond.core.spatial import (CLIP_TOKENS, SEED_STEP, compound_loss, flow_guided_denoised,  # noqa: E402
+                                    image_text_probabilities, joint_guidance_blocks, joint_guidance_loss,
+                                    joint_object_map, soft_threshold)
+
+
+def explicit_block(q: torch.Tensor, k: torch.Tensor, image: tuple[int, int], text: tuple[int, int]) -> torch.Tensor:
+    """The seed's way: the full softmax over all joint keys, then the image-rows x text-columns block, head-averaged."""
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return probs[:, :, image[0]:image[1], text[0]:text[1]].mean(dim=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_image_text_probabilities_equal_the_explicit_softmax_block_and_its_gradient(chunk):
+    generator = torch.Generator().manual_seed(0)
+    text, image = 90, 35  # CLIP 77 + a T5 part, then a 5 x 7 token grid (text first, as ComfyUI's SD3)
+    q = torch.randn(2, 3, text + image, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, text + image, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    spans = (text, text + image), (0, CLIP_TOKENS)
+    maps = image_text_probabilities(q, k, *spans, chunk=chunk)
+    expected = explicit_block(q, k, *spans)
+    torch.testing.assert_close(maps, expected, atol=1e-12, rtol=1e-10)
+    weights = torch.randn(maps.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad((maps * weights).sum(), (q, k))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_image_text_probabilities_keep_float32_for_half_inputs():
+    q = torch.randn(1, 2, 12, 8).to(torch.bfloat16)
+    maps = image_text_probabilities(q, q, (4, 12), (0, 4))
+    assert maps.dtype == torch.float32
+    torch.testing.assert_close(maps, explicit_block(q.float(), q.float(), (4, 12), (0, 4)))
+
+
+def test_soft_threshold_is_the_seeds():
+    maps = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(1))
+    median = maps.flatten(1).quantile(0.5, dim=1)[:, None, None]
+    torch.testing.assert_close(soft_threshold(maps), maps * torch.sigmoid(50.0 * (maps - median)))
+
+
+def test_joint_loss_is_one_compound_loss_on_the_block_mean_on_a_non_square_grid():
+    generator = torch.Generator().manual_seed(2)
+    blocks = [torch.rand(2, 5 * 7, 10, generator=generator) for _ in range(3)]
+    settings = SpatialSettings(alpha=1.5, lambda_spatial=0.5)  # the seed's values
+    loss = joint_guidance_loss(blocks, (5, 7), [2], [6, 7], settings)
+    mean = torch.stack(blocks).mean(dim=0)
+    a, b = joint_object_map(mean, (5, 7), [2]), joint_object_map(mean, (5, 7), [6, 7])
+    assert a.shape == (2, 5, 7)
+    torch.testing.assert_close(loss, compound_loss(a, b, settings, presence=True, balance=True))
+    ax, ay, var_a = centroid_and_variance(a)
+    bx, by, var_b = centroid_and_variance(b)
+    by_hand = 0.5 * F.gelu(1.5 * (0.25 - (bx - ax))) + (var_a + var_b) + (var_a - var_b).abs()
+    torch.testing.assert_close(loss, by_hand)
+    with pytest.raises(ValueError, match="no joint-attention maps"):
+        joint_guidance_loss([], (5, 7), [2], [6], settings)
+
+
+def test_the_unet_layer_loss_is_the_compound_loss_with_one_energy_term():
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 8, 8, generator=generator), torch.rand(2, 8, 8, generator=generator)
+    settings = SpatialSettings()
+    torch.testing.assert_close(layer_loss(a, b, PRESENCE, settings), compound_loss(a, b, settings, True, False))
+    torch.testing.assert_close(layer_loss(a, b, BALANCE, settings), compound_loss(a, b, settings, False, True))
+
+
+@pytest.mark.parametrize("depth,early,late", [(24, (4, 5, 6, 7), (8, 9)), (38, tuple(range(6, 12)), (12, 13, 14)),
+                                              (2, (0,), (0,)), (1, (0,), (0,)), (12, (2, 3), (4,))])
+def test_joint_blocks_are_the_seeds_fractions_of_depth(depth, early, late):
+    assert joint_guidance_blocks(depth) == (early, late)
+
+
+@pytest.mark.parametrize("sigma_next", [0.0, 0.6])
+def test_flow_update_moves_the_next_euler_latent_by_the_seeds_step(sigma_next):
+    """Euler from sigma to sigma_next with the changed denoised = the seed's x - 30 dL/dx, then its step with the
+    velocity of the unmoved latent (sd3_guidance_modular.py:1028-1029, 1063-1093)."""
+    generator = torch.Generator().manual_seed(4)
+    x, denoised, gradient = (torch.randn(2, 16, 5, 7, generator=generator, dtype=torch.float64) for _ in range(3))
+    sigma = torch.full((2,), 0.8, dtype=torch.float64)
+    changed = flow_guided_denoised(denoised, sigma, sigma_next, gradient, 1000.0)
+    velocity = (x - denoised) / 0.8
+    euler = x + (sigma_next - 0.8) * (x - changed) / 0.8
+    torch.testing.assert_close(euler, x - SEED_STEP * gradient + (sigma_next - 0.8) * velocity)
+    torch.testing.assert_close(flow_guided_denoised(denoised, sigma, sigma_next, gradient, 0.0), denoised)
