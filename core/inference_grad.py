@@ -32,7 +32,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # a reference, not save_for_backward: the input gradient needs no copy
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        # A view out of a custom Function may not be written in place later (Flux's residual adds): own it.
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -139,7 +141,9 @@ class InferenceWeights(TorchFunctionMode):
             return func(*args, **kwargs)
         if not x.requires_grad:
             with torch.no_grad():  # an inference weight needs no graph when the input carries none
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+            # A view made under no_grad may not be written in place later under grad (Flux's residual adds): own it.
+            return out.clone() if out._base is not None else out
         out = route(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
 

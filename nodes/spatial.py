@@ -22,10 +22,13 @@ is the seed's latent step x <- x - 30 dL/dx, made as a change of the denoised pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
 from comfy.patcher_extension import WrappersMP
 import torch
 from comfy_api.latest import io
@@ -265,7 +268,7 @@ class GuidanceWrapper:
             patches["output_block_patch"] = [*patches.get("output_block_patch", []), DetachTail(guidance.last_block)]
             options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: maps, "patches": patches,
                        "optimized_attention_override": _pytorch_attention}
-            with guided_autograd():
+            with guided_autograd(), differentiable_rope():
                 denoised = executor(latent, t[rows].clone(), c_concat, c_crossattn, control, options, **kwargs)
             loss = guidance_loss(maps, guidance.tokens_a, guidance.tokens_b, guidance.settings)
             (gradient,) = torch.autograd.grad(loss.sum(), latent)  # each image's own loss: a sum over images
@@ -285,7 +288,7 @@ class GuidanceWrapper:
                                  image_token_count(height, width), [], getattr(diffusion_model, "joint_blocks", None),
                                  guidance.joint.text_limit)
             options = {**transformer_options, "cond_or_uncond": [COND] * chunks, RECORD: record}
-            with guided_autograd():
+            with guided_autograd(), differentiable_rope():
                 denoised = executor(latent, t[rows].clone(), c_concat, c_crossattn, control, options, **kwargs)
                 maps = list(record.maps)
                 if not maps:
@@ -295,6 +298,21 @@ class GuidanceWrapper:
                 loss = joint_guidance_loss(maps, grid, guidance.tokens_a, guidance.tokens_b, guidance.settings)
                 (gradient,) = torch.autograd.grad(loss.sum(), latent)  # each image's own loss: a sum over images
         return denoised.detach(), gradient.detach()
+
+
+@contextmanager
+def differentiable_rope() -> Iterator[None]:
+    """For the guided pass only: the host's training switch, which its own training nodes set, selects PyTorch's
+    RoPE on Flux; 0.33.0's fused kernel has no backward (0.3.64 has no switch and needs none)."""
+    previous = getattr(comfy.model_management, "in_training", None)
+    if previous is None:
+        yield
+        return
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
 
 
 def check_text_tokens(context: Any, guidance: Guidance) -> None:
@@ -424,7 +442,7 @@ class SpatialGuidance(io.ComfyNode):
                         "seed's latent step. Encodes the prompt itself: use its positive output. About twice the "
                         "time of a plain step.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL or SD3/SD3.5 model (Flux.1: not yet)."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 model."),
                 io.Clip.Input("clip", tooltip="The model's CLIP: encodes the prompt and finds the words' tokens."),
                 io.String.Input("text", multiline=True, default="a cat to the left of a dog",
                                 tooltip="The prompt, e.g. 'a cat to the left of a dog'."),
@@ -469,12 +487,9 @@ class SpatialGuidance(io.ComfyNode):
         if weight == 0:
             logging.warning("%s: weight 0, no guidance", label)
         layout = model_layout(model, label, dit=True)
-        if isinstance(layout, DiTLayout) and layout.architecture == "flux":
-            # The maps and T5 words work (install_joint, encoder "t5xxl"); the guided pass does not yet: Flux's
-            # in-place residual adds meet views the inference-weight routing makes (core/inference_grad.py).
-            raise InputError(label, "model", "Flux.1 is not supported yet: its guided pass cannot run autograd "
-                             "through Flux's in-place residual adds", "Use an SD1.x, SD2.x, SDXL or SD3/SD3.5 checkpoint.")
-        encoder = "l"  # SD3 as UNets: CLIP-L's tokens, index + 1 for its start token
+        flux = isinstance(layout, DiTLayout) and layout.architecture == "flux"
+        # SD3 as UNets: CLIP-L's tokens, index + 1 for its start token; Flux: its T5 text, no start token.
+        encoder = "t5xxl" if flux else "l"
         high, low = sigma_range(model, start_percent, end_percent, SPATIAL_GUIDANCE)
         object_a, relation, object_b = resolve_words(text, object_a, relation, object_b)
         tokens_a = object_positions(clip, text, object_a, "object_a", encoder=encoder)

@@ -99,3 +99,18 @@ def test_guided_autograd_survives_a_later_in_place_write():
         leaf = x.clone().requires_grad_(True)
         (got,) = torch.autograd.grad(forward(leaf, True), leaf)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_routed_outputs_may_be_written_in_place_later():
+    """Flux adds residuals in place into linear outputs: a routed output (input with a graph) and a plain one (input
+    without) are tensors of their own, so the add and the backward pass both work."""
+    with torch.inference_mode():
+        weight, bias = torch.randn(6, 4), torch.randn(6)
+    leaf = torch.randn(2, 3, 4, requires_grad=True)
+    with InferenceWeights(), torch.enable_grad():  # with a bias, linear on a 3-D input returns a view of its output
+        routed = torch.nn.functional.linear(leaf, weight, bias)
+        plain = torch.nn.functional.linear(torch.randn(2, 3, 4), weight, bias)
+        assert routed._base is None and plain._base is None
+        routed += plain  # the residual add
+        (grad,) = torch.autograd.grad(routed.square().sum(), leaf)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
