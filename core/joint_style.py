@@ -81,10 +81,9 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     extended = layout.target_rows if isolate_reference else list(range(layout.batch))
     if not extended:
         return sdpa_attention(q, k, v, heads)
-    out = torch.empty_like(q)
-    if isolate_reference:
-        plain = _row_index(layout.reference_rows)
-        _put_rows(out, plain, attend_heads(q[plain], k[plain], v[plain], heads))
+    plain = _row_index(layout.reference_rows) if isolate_reference else None
+    # The reference rows first, while k/v are whole; their outputs are small beside the extended keys/values.
+    reference_out = attend_heads(q[plain], k[plain], v[plain], heads) if plain is not None else None
     rows = torch.tensor(extended, device=q.device)
     refs = layout.reference_of_row(q.device)[rows]
     chunk_of_row = refs // layout.rows_per_chunk
@@ -98,13 +97,18 @@ def shared_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     bias = reference_bias(tokens, image_tokens, share.score_shift, q.device) if share.score_shift else None
     index = _row_index(extended)
     keys = torch.cat([k[index], ref_k], dim=1)
+    # a caller's temporary keys may hold their last reference: freed before the values are built
+    del k, ref_k, reference_keys
     if scale is not None:
         keys[:, tokens:] *= scale  # in place: no scaled copy of the appended keys beside them
     values = torch.cat([v[index], ref_v], dim=1)
-    del k, v, ref_k, ref_v  # a caller's temporary copies may hold their last references: freed before attending
+    del v, ref_v  # likewise, freed before attending
     attended = attend_heads(q[index], keys, values, heads, bias)
-    del keys, values  # freed before the output is written
+    del keys, values  # freed before the output is allocated and written
+    out = torch.empty_like(q)
     _put_rows(out, index, attended)
+    if plain is not None:
+        _put_rows(out, plain, reference_out)
     return out
 
 

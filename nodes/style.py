@@ -13,12 +13,15 @@ checkpointing) or skipped (Skip Layer Guidance), and SD3's forward runs no DIFFU
 that could reset a counter. An override or dit patch already there is kept and called.
 
 Flux.1: the same override sees q/k/v `[B, H, L, D]` after qk-norm and RoPE (dit.md §1.3); a
-`FluxBlockStamp` on every double and single block adds the block and its rotary table `pe`, and a
-`FluxCallStamp` around the model (DIFFUSION_MODEL wrapper, dit.md §2.3) the text length, the token grid
-and the rotation by one grid width. `FluxStylePatch` then does what AlignedGen does (dit.md §4.1.4),
-as the diffusers binding (`install_style_aligned_flux`): AdaIN before RoPE (un-rotate with `pe`'s
-transposed rotations, AdaIN, re-rotate) and the reference's keys at positions shifted right by the
-grid's width (R(p + Δ) = R(Δ) R(p), dit.md §4.1.5); by default on the single-stream blocks only.
+`FluxBlockStamp` on every double and single block the nodes may act on adds the block and its rotary
+table `pe`, and a `FluxCallStamp` around the model (DIFFUSION_MODEL wrapper, dit.md §2.3) the text length,
+the token grid and the rotation by one grid width. `FluxStylePatch` then does what AlignedGen does (dit.md §4.1.4),
+as the diffusers binding (`install_style_aligned_flux`): AdaIN before RoPE and the reference's keys at
+positions shifted right by the grid's width (R(p + Δ) = R(Δ) R(p), dit.md §4.1.5); by default on the
+single-stream blocks only. Where the patch styles a block, its stamp runs the block with `pe=None`, so the
+override gets q/k before RoPE and rotates them itself after AdaIN (`defers_rope`); where something else in
+the block needs `pe` (an `attn1_patch`, a mask, an override above ours) it un-rotates with `pe`'s transposed
+rotations instead, AdaINs and re-rotates (the same result up to rounding, at the cost of two more passes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import comfy.ldm.flux.math
 import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
@@ -35,10 +39,10 @@ from comfy_api.latest import io
 from ..core.errors import InputError
 from ..core.attention import sdpa_attention
 from ..core.chunks import ChunkLayout
-from ..core.joint_style import ImageSpan, joint_adain, joint_features, joint_style_attention, shared_joint_attention
+from ..core.joint_style import ImageSpan, joint_features, joint_style_attention, shared_joint_attention
 from ..core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, select_all, select_blocks
-from ..core.style import (AdaINSettings, ShareSettings, allowed_adain, allowed_share, attach_shared_norm,
-                          release_control_geometry, style_attention, zero_reference_control)
+from ..core.style import (AdaINSettings, ShareSettings, adain_targets, allowed_adain, allowed_share,
+                          attach_shared_norm, release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, batch_layout, checked_label, current_sigma,
                      existing_replace, model_layout, plain_attention, search_aliases, sigma_range, sigma_timestep)
 
@@ -289,10 +293,15 @@ def install_joint_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, 
 
 @dataclass(frozen=True)
 class FluxBlock:
-    """What a FluxBlockStamp tells the override: the running block and its rotary table `pe` `[B, 1, L, D/2, 2, 2]`."""
+    """What a FluxBlockStamp tells the override: the running block and its rotary table `pe` `[B, 1, L, D/2, 2, 2]`.
+
+    `deferred`: the block was run without `pe`, so its attention gets q/k before RoPE and the override rotates them
+    (after AdaIN, AlignedGen's order, with no un-rotation).
+    """
 
     layer: LayerId
     pe: torch.Tensor | None
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,7 +329,29 @@ class FluxBlockStamp:
     def __call__(self, args: dict, extra: dict) -> dict:
         options = {**args["transformer_options"], FLUX_BLOCK: FluxBlock(self.layer, args.get("pe"))}
         stamped = {**args, "transformer_options": options}
+        if defers_rope(stamped, self.layer):
+            extra = {**extra, "original_block": self._without_rope(extra["original_block"])}
         return self.inner(stamped, extra) if self.inner is not None else extra["original_block"](stamped)
+
+    def _without_rope(self, block: Any) -> Any:
+        """The block run with `pe=None` (its attention then skips RoPE); the `pe` it would have used goes to the
+        override, also when a dit patch that was here before changed it."""
+        def run(args: dict) -> dict:
+            options = {**args["transformer_options"], FLUX_BLOCK: FluxBlock(self.layer, args["pe"], deferred=True)}
+            return block({**args, "pe": None, "transformer_options": options})
+        return run
+
+
+def defers_rope(args: dict, layer: LayerId) -> bool:
+    """Whether a block can hand RoPE to our override: our patch is the override, it styles this block now, and
+    nothing else in the block (an `attn1_patch`, a mask) needs the rotary table or post-RoPE q/k."""
+    options = args["transformer_options"]
+    patch = options.get(OVERRIDE)
+    if not isinstance(patch, FluxStylePatch) or args.get("pe") is None or args.get("attn_mask") is not None:
+        return False
+    if FLUX_CALL not in options or "sigmas" not in options or options.get("patches", {}).get("attn1_patch"):
+        return False
+    return patch.settings_at(layer, current_sigma(options)) != (None, None)
 
 
 def token_grid(model: Any, x: torch.Tensor) -> tuple[int, int]:
@@ -349,40 +380,87 @@ class FluxCallStamp:
         return executor(x, timestep, context, y, guidance, ref_latents, control, options, *args, **kwargs)
 
 
-def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's Flux RoPE: each channel pair (2i, 2i+1) times pe's 2x2 matrix (C64 `flux/math.py` apply_rope)."""
+def rotate_pairs(x: torch.Tensor, pe: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI's Flux RoPE as `[..., D/2, 2]` pairs in pe's dtype: each channel pair (2i, 2i+1) times pe's 2x2 matrix,
+    one multiply and one fused multiply-add (C64 `flux/math.py` apply_rope1); `out` may have any memory layout."""
     pairs = x.to(pe.dtype).unflatten(-1, (-1, 1, 2))
-    return (pe * pairs).sum(-1).flatten(-2).to(x.dtype)
+    return torch.mul(pe[..., 0], pairs[..., 0], out=out).addcmul_(pe[..., 1], pairs[..., 1])
+
+
+def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """`rotate_pairs` in `x`'s layout and dtype."""
+    return rotate_pairs(x, pe).flatten(-2).to(x.dtype)
 
 
 def unrotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """The inverse of `rotate`: rotations are orthogonal, so each pair times pe's transposed matrix (dit.md §4.1.5)."""
-    pairs = x.to(pe.dtype).unflatten(-1, (-1, 2, 1))
-    return (pe * pairs).sum(-2).flatten(-2).to(x.dtype)
+    return rotate(x, pe.transpose(-1, -2))
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:
-    """`[B, H, L, D]` to core's `[B, L, H·D]`."""
+    """`[B, H, L, D]` to core's `[B, L, H·D]`: a view when `x` lies in memory as `[B, L, H, D]` (`tokens_first`)."""
     return x.transpose(1, 2).flatten(2)
 
 
-def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """core's `[B, L, H·D]` to `[B, H, L, D]`."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+def tokens_first(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor shaped as `[B, H, L, D]` `like` but laid out as `[B, L, H, D]`, so `flat` of it is a view."""
+    batch, heads, tokens, width = like.shape
+    empty = torch.empty(batch, tokens, heads, width, dtype=dtype or like.dtype, device=like.device)
+    return empty.transpose(1, 2)
+
+
+def rotate_spans(x: torch.Tensor, pe: torch.Tensor, image: ImageSpan, image_part: torch.Tensor) -> torch.Tensor:
+    """RoPE of `[B, H, L, D]` pre-RoPE `x` whose image tokens are replaced by `image_part`, into a tokens-first
+    tensor: one pass over each span, no spliced copy of `x`."""
+    start, stop = image
+    tokens = x.shape[2]
+    pairs = tokens_first(x, dtype=pe.dtype).unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
+    for span, source in (((0, start), x[:, :, :start]), ((start, stop), image_part), ((stop, tokens), x[:, :, stop:])):
+        if span[1] > span[0]:
+            rotate_pairs(source, pe[:, :, span[0]:span[1]], out=pairs[:, :, span[0]:span[1]])
+    return pairs.flatten(-2).to(x.dtype)
+
+
+def replace_image(x: torch.Tensor, image: ImageSpan, image_part: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, D]` `x` with its image tokens replaced by `image_part`, tokens-first (see `tokens_first`)."""
+    start, stop = image
+    out = tokens_first(x)
+    out[:, :, :start], out[:, :, start:stop], out[:, :, stop:] = x[:, :, :start], image_part, x[:, :, stop:]
+    return out
+
+
+def styled_image(x: torch.Tensor, image: ImageSpan, rows: ChunkLayout, strength: float) -> torch.Tensor:
+    """AdaIN of the image tokens of `[B, H, L, D]` `x`: per (head, channel) token statistics are core's per-channel
+    ones of the flat layout; reference rows come back exact."""
+    return adain_targets(x[:, :, image[0]:image[1]], rows, strength)
 
 
 def adain_before_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, image: ImageSpan,
                       rows: ChunkLayout, adain: AdaINSettings | None) -> tuple[torch.Tensor, ...]:
-    """AdaIN of the image tokens' position-free q/k (and v) on `[B, H, L, D]` post-RoPE tensors (AlignedGen)."""
+    """AdaIN of the image tokens' position-free q/k (and v) on `[B, H, L, D]` post-RoPE tensors (AlignedGen):
+    un-rotated, AdaIN'd and rotated back; the fallback when the block could not hand RoPE over (`defers_rope`)."""
     if adain is None:
         return q, k, v
     start, stop = image
-    heads, image_pe = q.shape[1], pe[:, :, start:stop]
-    free = lambda x: flat(unrotate(x[:, :, start:stop], image_pe))  # noqa: E731
-    q_img, k_img, v_img = joint_adain(free(q), free(k), flat(v[:, :, start:stop]), (0, stop - start), rows, adain)
-    splice = lambda x, part: torch.cat([x[:, :, :start], part, x[:, :, stop:]], dim=2)  # noqa: E731
-    restored = lambda x, part: splice(x, rotate(heads_first(part, heads), image_pe))  # noqa: E731
-    return restored(q, q_img), restored(k, k_img), splice(v, heads_first(v_img, heads))
+    image_pe = pe[:, :, start:stop]
+    free = lambda x: unrotate(x[:, :, start:stop], image_pe)  # noqa: E731
+    restyled = lambda x: rotate(styled_image(free(x), (0, stop - start), rows, adain.strength), image_pe)  # noqa: E731
+    q = replace_image(q, image, restyled(q)) if adain.queries else q
+    k = replace_image(k, image, restyled(k)) if adain.keys else k
+    v = replace_image(v, image, styled_image(v, image, rows, adain.strength)) if adain.values else v
+    return q, k, v
+
+
+def adain_then_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, image: ImageSpan,
+                    rows: ChunkLayout, adain: AdaINSettings | None) -> tuple[torch.Tensor, ...]:
+    """AdaIN of the image tokens of pre-RoPE q/k (and v), then RoPE (AlignedGen's order): one pass each."""
+    start, stop = image
+    styled = lambda x, on: styled_image(x, image, rows, adain.strength) if on else x[:, :, start:stop]  # noqa: E731
+    on = adain or AdaINSettings(False, False, False)
+    q = rotate_spans(q, pe, image, styled(q, on.queries))
+    k = rotate_spans(k, pe, image, styled(k, on.keys))
+    v = replace_image(v, image, styled_image(v, image, rows, on.strength)) if on.values else v
+    return q, k, v
 
 
 @dataclass(frozen=True)
@@ -409,9 +487,7 @@ class FluxStylePatch:
         q, k, v = args[:3]
         if block is None or call is None or block.pe is None or q.ndim != 4 or q.shape[2] < call.image[1]:
             return self._plain(func, *args, **kwargs)
-        sigma = current_sigma(options)
-        adain = None if self.adain is None else self.adain.adain_at(block.layer, sigma, joint=True)
-        share = None if self.share is None else self.share.share_at(block.layer, sigma, joint=True)
+        adain, share = self.settings_at(block.layer, current_sigma(options))
         if adain is None and share is None:
             return self._plain(func, *args, **kwargs)
         stage = self.share or self.adain
@@ -420,24 +496,46 @@ class FluxStylePatch:
                              "with attn_bias), which StyleAligned does not combine with",
                              "Remove the masked conditioning, or bypass the StyleAligned nodes.")
         rows = batch_layout(options["cond_or_uncond"], q.shape[0], stage.reference_index, stage.node)
-        return flux_style_attention(q, k, v, block.pe, call, rows, adain, share).to(q.dtype)
+        return flux_style_attention(q, k, v, block, call, rows, adain, share).to(q.dtype)
+
+    def settings_at(self, layer: LayerId, sigma: float) -> tuple[AdaINSettings | None, ShareSettings | None]:
+        """The AdaIN and sharing settings on `layer` at this sigma (None where that node does not act)."""
+        adain = None if self.adain is None else self.adain.adain_at(layer, sigma, joint=True)
+        share = None if self.share is None else self.share.share_at(layer, sigma, joint=True)
+        return adain, share
 
     def _plain(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        block: FluxBlock | None = (kwargs.get("transformer_options") or {}).get(FLUX_BLOCK)
+        if block is not None and block.deferred:  # the block skipped RoPE for us: the host's own, as it would have
+            args = (*comfy.ldm.flux.math.apply_rope(args[0], args[1], block.pe), *args[2:])
         return self.inner(func, *args, **kwargs) if self.inner is not None else func(*args, **kwargs)
 
 
-def flux_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, call: FluxCall,
+def flux_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: FluxBlock, call: FluxCall,
                          rows: ChunkLayout, adain: AdaINSettings | None, share: ShareSettings | None) -> torch.Tensor:
-    """AdaIN before RoPE, then attention with the reference's image K/V appended at shifted positions."""
+    """AdaIN before RoPE, then attention with the reference's image K/V appended at shifted positions.
+
+    q/k come before RoPE when the block deferred it (`block.deferred`), else after it (un-rotated for AdaIN).
+    """
     heads, (start, stop) = q.shape[1], call.image
-    # Reference rows are never AdaIN'd: the call's own keys, shifted by R(Δ) before the AdaIN round trip.
-    reference_keys = flat(rotate(k[rows.reference_rows, :, start:stop], call.shift)) if share is not None else None
-    q, k, v = adain_before_rope(q, k, v, pe, call.image, rows, adain)
+    styled = adain_then_rope if block.deferred else adain_before_rope
+    rotated = list(styled(q, k, v, block.pe, call.image, rows, adain))
     if share is None:
-        return sdpa_attention(flat(q), flat(k), flat(v), heads)
-    # The reference renders as if alone (AlignedGen's constrain_first).
-    return shared_joint_attention(flat(q), flat(k), flat(v), heads, call.image, rows, share, isolate_reference=True,
-                                  reference_keys=reference_keys)
+        return sdpa_attention(flat(rotated[0]), flat(rotated[1]), flat(rotated[2]), heads)
+    # Reference rows are never AdaIN'd: their rotated keys, shifted by R(Δ) (R(p + Δ) = R(Δ) R(p), dit.md §4.1.5).
+    rotated_keys = rotated[1] if block.deferred else k  # the host's rotation, not an un-rotate/rotate round trip
+    rotated.append(flat(rotate(rotated_keys[rows.reference_rows, :, start:stop], call.shift)))
+    del rotated_keys
+    # The reference renders as if alone (AlignedGen's constrain_first). Popped, not kept in locals: core then holds
+    # the only references and frees the keys once it has built the extended ones.
+    return shared_joint_attention(flat(rotated.pop(0)), flat(rotated.pop(0)), flat(rotated.pop(0)), heads, call.image,
+                                  rows, share, isolate_reference=True, reference_keys=rotated.pop())
+
+
+def selected_layers(selection: LayerSelection) -> frozenset[LayerId]:
+    """Every layer `selection` may act on at some timestep (its schedule's layers too)."""
+    scheduled = (layer for features in (selection.schedule or {}).values() for layer in features)
+    return selection.layers | frozenset(scheduled)
 
 
 def install_flux_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, selection: LayerSelection) -> Any:
@@ -448,7 +546,9 @@ def install_flux_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, s
     patch = current if isinstance(current, FluxStylePatch) else FluxStylePatch(layout, inner=current)
     options[OVERRIDE] = patch.with_stage(kind, replace(stage, selection=selection, flow=True))
     slots = options.get("patches_replace", {}).get("dit", {})
-    for layer in layout.layers:
+    acting = selected_layers(selection)
+    # Only the blocks the stage may act on: a dit patch costs memory (the host's loop keeps the last block's output).
+    for layer in (layer for layer in layout.layers if layer in acting):
         key = f"{layer.block}_block"
         current_block = slots.get((key, layer.number))
         if not isinstance(current_block, FluxBlockStamp):

@@ -116,6 +116,22 @@ def test_one_call_with_alignedgens_scale_equals_the_diffusers_binding(variant, m
     assert changed(ours[1:3], one_call(model, data, cond_or_uncond=cond_or_uncond)[1:3])
 
 
+def test_under_another_override_the_block_keeps_rope_and_the_result_is_the_same(variant, model):
+    """An override set after the style nodes that calls through to them: the blocks then apply RoPE themselves and the
+    patch un-rotates the image q/k for AdaIN (the fallback path); one call still equals the diffusers binding."""
+    styled = style_aligned(model, score_scale=1.1)
+    outer = styled.clone()
+    options = outer.model_options["transformer_options"]
+    inner = options[OVERRIDE]
+    seen = []
+    options[OVERRIDE] = lambda func, *args, **kwargs: seen.append(args[0].shape) or inner(func, *args, **kwargs)
+    data = tiny_dit.flux_inputs(3)
+    ours = one_call(outer, data)
+    assert seen  # the foreign override ran, the pack's patch below it
+    assert_close_scaled(ours, diffusers_call(variant, data, SIGMA, 1))
+    assert_close_scaled(ours, one_call(styled, data))
+
+
 def test_the_default_score_scale_is_the_users_1(variant, model):
     data = tiny_dit.flux_inputs(3)
     expected = diffusers_call(variant, data, SIGMA, 1, JointStyle())
