@@ -13,8 +13,8 @@ one text out, blending the image tokens (`core.blend.dual_text_joint_attention`)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import comfy.patcher_extension
 import comfy.samplers
@@ -27,8 +27,9 @@ from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNE
 from ..core.errors import InputError
 from ..core.layers import DiTLayout, LayerId, LayerSelection
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, SECOND_CONTEXT, SECOND_TOKENS, checked_label,
-                     current_sigma, existing_replace, is_pack_patch, model_layout, plain_attention, search_aliases,
-                     selection_allows)
+                     current_sigma, existing_replace, model_layout, plain_attention, search_aliases, selection_allows,
+                     set_override)
+from .style import BLOCK_TOKENS, FLUX_BLOCK, FLUX_CALL
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
 CROSS_ATTN_BLEND = "MultiCond_CrossAttnBlend"
@@ -463,6 +464,7 @@ class DualTextPatch:
     layout: DiTLayout
     selection: LayerSelection | None = None
     inner: Any = None
+    keeps_outside: ClassVar[bool] = True  # patches applied later (Shared Attention, AdaIN Style) see one pass each
 
     def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options") or {}
@@ -482,7 +484,9 @@ class DualTextPatch:
 
         def attend(index: torch.Tensor) -> torch.Tensor:
             picked = tuple(x.index_select(token_dim, index) for x in args[:3])
-            return self._attend(func, *picked, *args[3:], **kwargs)
+            text = int((index < tokens.text).sum())  # this pass's text tokens: one prompt's
+            return self._attend(func, *picked, *args[3:],
+                                **{**kwargs, "transformer_options": narrowed(options, text, index)})
 
         spans = (0, tokens.first), (tokens.first, tokens.text), (tokens.text, tokens.text + tokens.image)
         return dual_text_joint_attention(attend, q.shape[token_dim], *spans, rows, q.device)
@@ -521,13 +525,30 @@ def stamp_blocks(patched: Any, layout: DiTLayout) -> None:
             patched.set_model_patch_replace(LayerStamp(layer, current), "dit", kind, layer.number)
 
 
-def has_style_patch(override: Any) -> bool:
-    """Whether the override chain holds one of the pack's DiT style patches (they keep what they wrap in `inner`)."""
-    while override is not None and is_pack_patch(override):
-        if hasattr(override, "share") and hasattr(override, "adain"):
-            return True
-        override = getattr(override, "inner", None)
-    return False
+def narrowed(options: dict, text: int, index: torch.Tensor) -> dict:
+    """transformer_options for one pass over the tokens `index` with `text` text tokens: the pack's per-block stamps
+    (SD3's token counts, Flux's text length and rotary table rows) describe the narrowed sequence."""
+    out = dict(options)
+    if (block := options.get(BLOCK_TOKENS)) is not None:
+        out[BLOCK_TOKENS] = replace(block, text=text)
+    if (call := options.get(FLUX_CALL)) is not None:
+        out[FLUX_CALL] = replace(call, text=text)
+    if (flux_block := options.get(FLUX_BLOCK)) is not None and flux_block.pe is not None:
+        out[FLUX_BLOCK] = replace(flux_block, pe=flux_block.pe.index_select(2, index.to(flux_block.pe.device)))
+    return out
+
+
+def without_text_blend(options: dict) -> None:
+    """Take an earlier Cross-Attention Blend out of the override chain: a second one replaces it."""
+    outer = []
+    current = options.get(OVERRIDE)
+    while current is not None and getattr(current, "keeps_outside", False):
+        if not isinstance(current, DualTextPatch):
+            outer.append(current)
+        current = current.inner
+    for wrapper in reversed(outer):
+        current = replace(wrapper, inner=current)
+    options[OVERRIDE] = current
 
 
 def install_dual_text(model: Any, layout: DiTLayout, context: torch.Tensor, weights: BlendWeights,
@@ -535,13 +556,8 @@ def install_dual_text(model: Any, layout: DiTLayout, context: torch.Tensor, weig
     """A clone of an SD3/SD3.5 or Flux.1 `model` with the joint-attention text blend: the override and the wrapper."""
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
-    current = options.get(OVERRIDE)
-    inner = current.inner if isinstance(current, DualTextPatch) else current  # a second blend replaces the first
-    if has_style_patch(inner):
-        raise InputError(weights.node, "model", "Shared Attention / AdaIN Style are on this model: on SD3/Flux they "
-                         "and this blend act in the same joint attention, and they do not combine yet",
-                         "Use Epsilon Blend with them (it combines), or this node without them.")
-    options[OVERRIDE] = DualTextPatch(weights, layout, layers, inner)
+    without_text_blend(options)
+    set_override(options, lambda current: DualTextPatch(weights, layout, layers, current))
     if layers is not None:
         stamp_blocks(patched, layout)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTEXT_WRAPPER_KEY)

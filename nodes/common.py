@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import comfy.ldm.flux.model
@@ -184,6 +186,24 @@ OVERRIDE = "optimized_attention_override"  # ComfyUI's one attention-override sl
 
 def is_pack_patch(patch: Any) -> bool:
     return type(patch).__module__.split(".")[0] == PACK
+
+
+def set_override(options: dict, build: Callable[[Any], Any]) -> None:
+    """Install `build(current)` as the attention override below the pack's patches that stay outermost.
+
+    Those (`keeps_outside`: the spatial map recorder, the DiT text blend) must see each model call's whole sequence
+    and hand narrowed calls down, so a node applied after them goes inside them; their order is kept. `build`
+    receives what is below them (it may reuse an existing patch of its own kind).
+    """
+    outer = []
+    current = options.get(OVERRIDE)
+    while current is not None and getattr(current, "keeps_outside", False):
+        outer.append(current)
+        current = current.inner
+    patch = build(current)
+    for wrapper in reversed(outer):
+        patch = dataclasses.replace(wrapper, inner=patch)
+    options[OVERRIDE] = patch
 
 
 def first_foreign(patch: Any) -> Any:

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
@@ -139,6 +139,7 @@ class JointMapRecorder:
     comes first in both (dit.md §1.4); SD3 q/k are `[B, L, H*D]`, Flux's `[B, H, L, D]` after RoPE."""
 
     inner: Any = None
+    keeps_outside: ClassVar[bool] = True  # it reads each call's whole sequence: patches applied later go inside
 
     def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options") or {}

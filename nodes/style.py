@@ -44,7 +44,8 @@ from ..core.layers import STYLE_FEATURES, DiTLayout, LayerId, LayerSelection, se
 from ..core.style import (AdaINSettings, ShareSettings, adain_targets, allowed_adain, allowed_share,
                           attach_shared_norm, release_control_geometry, style_attention, zero_reference_control)
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, batch_layout, checked_label, current_sigma,
-                     existing_replace, model_layout, plain_attention, search_aliases, sigma_range, sigma_timestep)
+                     existing_replace, model_layout, plain_attention, search_aliases, set_override, sigma_range,
+                     sigma_timestep)
 
 SHARED_ATTENTION = "MultiCond_SharedAttention"
 ADAIN_STYLE = "MultiCond_AdaINStyle"
@@ -277,9 +278,9 @@ def install_joint_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, 
     """A clone of an SD3/SD3.5 `model` with `stage` on the selected joint layers: the override and a stamp per block."""
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
-    current = options.get(OVERRIDE)
-    patch = current if isinstance(current, JointStylePatch) else JointStylePatch(layout, inner=current)
-    options[OVERRIDE] = patch.with_stage(kind, replace(stage, selection=selection, flow=True))
+    staged = replace(stage, selection=selection, flow=True)
+    set_override(options, lambda current: (current if isinstance(current, JointStylePatch)
+                                           else JointStylePatch(layout, inner=current)).with_stage(kind, staged))
     slots = options.get("patches_replace", {}).get("dit", {})
     for layer in layout.layers:
         current_block = slots.get(("double_block", layer.number))  # SD3's joint blocks use Flux's double_block key
@@ -542,9 +543,9 @@ def install_flux_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, s
     """A clone of a Flux.1 `model` with `stage` on the selected blocks: override, block stamps, call stamp."""
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
-    current = options.get(OVERRIDE)
-    patch = current if isinstance(current, FluxStylePatch) else FluxStylePatch(layout, inner=current)
-    options[OVERRIDE] = patch.with_stage(kind, replace(stage, selection=selection, flow=True))
+    staged = replace(stage, selection=selection, flow=True)
+    set_override(options, lambda current: (current if isinstance(current, FluxStylePatch)
+                                           else FluxStylePatch(layout, inner=current)).with_stage(kind, staged))
     slots = options.get("patches_replace", {}).get("dit", {})
     acting = selected_layers(selection)
     # Only the blocks the stage may act on: a dit patch costs memory (the host's loop keeps the last block's output).

@@ -160,11 +160,19 @@ def test_one_call_equals_the_diffusers_binding(variant):
                                                                           data["pooled"], sigma, [0])).abs().max() > 1e-4
 
 
-def test_the_dit_blend_refuses_the_style_nodes_it_cannot_combine_with_yet(family):
-    """On a DiT both act in the same joint attention: refused by name rather than one silently overriding the other."""
-    from multicond.core.errors import InputError
+@pytest.mark.parametrize("order", ["blend after style", "style after blend"])
+def test_the_blend_composes_with_shared_attention_and_adain_in_either_order(family, order):
+    """Each pass of the blend is a whole joint attention for the style patch below it (its text count, Flux's rotary
+    rows narrowed): a ones mask is the styled batch of the positive alone; a soft profile moves it."""
+    model, first, second, negative, cfg = family
+    styled = style_aligned(model)
+    def both(mask=None):
+        return cross(styled, second, mask=mask) if order == "blend after style" else \
+            style_aligned(cross(model, second, mask=mask))
+    alone = run(styled, first, negative, cfg, batch=3)
+    assert_close_scaled(run(both(torch.ones(HEIGHT, WIDTH)), first, negative, cfg, batch=3), alone,
+                        amplification=cfg * 3)
+    assert (run(both(), first, negative, cfg, batch=3) - alone).abs().max() > 1e-4
+    assert (alone - run(model, first, negative, cfg, batch=3)).abs().max() > 1e-4  # the style acts at all
 
-    model, _, second, _, _ = family
-    with pytest.raises(InputError, match="MultiCond_CrossAttnBlend: input 'model': Shared Attention / AdaIN Style are "
-                                         "on this model.*Epsilon Blend"):
-        cross(style_aligned(model), second)
+
