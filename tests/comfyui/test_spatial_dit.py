@@ -28,6 +28,7 @@ from multicond.nodes.spatial import (FROM_PROMPT, RECORD, DetachedTail, JointMap
                                      SpatialGuidance, install_joint, object_positions)
 
 from . import tiny_dit  # noqa: E402
+from .test_spatial_node import record_gradients  # noqa: E402
 from .tiny_pack import FLUX_DEV, SD35, TinyCheckpoint  # noqa: E402
 
 PROMPT = "a photo of a cat to the left of a dog"
@@ -37,13 +38,17 @@ DEFAULTS = dict(text=PROMPT, object_a="", relation=FROM_PROMPT, object_b="", wei
 HEIGHT, WIDTH = 10, 14  # a non-square latent: 5 x 7 tokens
 
 
-@pytest.fixture(scope="module")
-def loaded():
+def load_tiny(family: str):
     """Model and CLIP loaded inside inference_mode, as ComfyUI's loaders run: the weights are inference tensors."""
     with torch.inference_mode():
-        model, clip, _ = TinyCheckpoint().load(SD35, 0)
+        model, clip, _ = TinyCheckpoint().load(family, 0)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     return model, clip, negative
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_tiny(SD35)
 
 
 def guided(model, clip, **overrides):
@@ -115,14 +120,7 @@ def test_blocks_are_stamped_and_the_tail_runs_without_autograd(loaded):
 def test_the_gradient_reaches_the_latent_and_the_update_is_the_seeds_latent_step(loaded, monkeypatch):
     """One Euler step from sigma 1 to 0 returns the guided denoised latent: the seed's x <- x - 30 w/1000 dL/dx."""
     model, clip, negative = loaded
-    gradients = []
-    original_add = spatial_module.StepGradient.add
-
-    def spy(self, gradient):
-        gradients.append(gradient.clone())
-        return original_add(self, gradient)
-
-    monkeypatch.setattr(spatial_module.StepGradient, "add", spy)
+    gradients = record_gradients(monkeypatch)
     weighted, positive = guided(model, clip, weight=50000.0)
     plain = run(model, positive, negative, steps=1)
     steered = run(weighted, positive, negative, steps=1)
@@ -210,10 +208,7 @@ def test_errors_name_the_node_and_input(loaded):
 
 @pytest.fixture(scope="module")
 def flux_loaded():
-    with torch.inference_mode():
-        model, clip, _ = TinyCheckpoint().load(FLUX_DEV, 0)
-        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    return model, clip, negative
+    return load_tiny(FLUX_DEV)
 
 
 def flux_guided(model):

@@ -80,10 +80,8 @@ def test_inference_weights_give_the_same_guidance_as_ordinary_weights():
                         amplification=15)
 
 
-def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
-    """One Euler step to sigma 0 returns the guided denoised latent: denoised - sigma w sqrt(1 + sigma^2) dL/dx."""
-    model, clip = load("sd15")
-    negative = negative_of(clip)
+def record_gradients(monkeypatch) -> list:
+    """Every gradient a guided step adds (StepGradient.add), cloned, in order."""
     gradients = []
     original_add = spatial_module.StepGradient.add
 
@@ -92,6 +90,14 @@ def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
         return original_add(self, gradient)
 
     monkeypatch.setattr(spatial_module.StepGradient, "add", spy)
+    return gradients
+
+
+def test_the_update_is_the_papers_epsilon_step_in_sigma_terms(monkeypatch):
+    """One Euler step to sigma 0 returns the guided denoised latent: denoised - sigma w sqrt(1 + sigma^2) dL/dx."""
+    model, clip = load("sd15")
+    negative = negative_of(clip)
+    gradients = record_gradients(monkeypatch)
     weighted, positive = guided(model, clip, weight=100000.0)
     unweighted, _ = guided(model, clip, weight=0.0)
     with_weight = run(weighted, "sd15", positive, negative, steps=1)
