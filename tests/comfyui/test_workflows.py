@@ -42,6 +42,9 @@ MULTICOND_NODES = ("MultiCond_SharedAttention", "MultiCond_AdaINStyle", "MultiCo
                    "MultiCond_MaskedAdapter")
 TINY_LOADER = "MultiCondTest_TinyCheckpoint"
 TINY_FLUX_DEV = "flux1_dev"  # tiny_pack's Flux.1-dev-like DiT (the weights of core/diffusers_binding/tiny_dit.py)
+# The tiny DiTs' joint-attention maps do depend on the latent: Spatial Guidance keeps the workflow's weight there (at
+# 1000 it moves the 2-step latent by ~0.07 on the SD3.5-like, ~0.4 on the Flux-like; 100000 blows the latent up).
+TINY_DITS = ("sd35l", TINY_FLUX_DEV)
 FILE_INPUTS = frozenset({"ckpt_name", "image", "grading", "control_net_name"})  # choices are files on the user's disk
 TINY_GRADING = "multicond_test_grading.json"
 TINY_SD35_GRADING = "multicond_test_gradingSd35"  # CB35's format (torch.save), for the tiny SD3.5's 2 joint layers
@@ -216,8 +219,8 @@ def shrink_for_tiny_models(graph: dict[str, dict]) -> dict[str, dict]:
             inputs.update(grading=TINY_SD35_GRADING, lambda_s=TINY_SD35_LAMBDA_S)
         elif kind == "MultiCond_LayerBalance":
             inputs["grading"] = TINY_GRADING
-        elif kind == "MultiCond_SpatialGuidance":
-            inputs["weight"] = 100000.0  # the tiny random model's maps hardly depend on the latent (gradients ~1e-9)
+        elif kind == "MultiCond_SpatialGuidance" and family not in TINY_DITS:
+            inputs["weight"] = 100000.0  # the tiny random UNet's maps hardly depend on the latent (gradients ~1e-9)
     return graph
 
 
@@ -260,6 +263,8 @@ def test_there_are_workflows() -> None:
                                                  "3f Epsilon Blend - Flux.1 dev two styles in one image",
                                                  "3g Cross-Attention Blend - SD3.5 Large two styles in one image",
                                                  "3h Cross-Attention Blend - Flux.1 dev two styles in one image",
+                                                 "4c Spatial Guidance - SD3.5 Large cat left of dog",
+                                                 "4d Spatial Guidance - Flux.1 dev cat left of dog",
                                                  "5c Masked Adapter - SD3.5 Large canny ControlNet only in a box",
                                                  "5d Masked Adapter - Flux.1 dev canny ControlNet only in a box"}
 
@@ -646,6 +651,7 @@ DIT_EFFECT_NODES = {"1e": ("MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
                     "1f": ("MultiCond_StyleReference", "MultiCond_SharedAttention", "MultiCond_AdaINStyle"),
                     "3e": ("MultiCond_EpsilonBlend",), "3f": ("MultiCond_EpsilonBlend",),
                     "3g": ("MultiCond_CrossAttnBlend",), "3h": ("MultiCond_CrossAttnBlend",),
+                    "4c": ("MultiCond_SpatialGuidance",), "4d": ("MultiCond_SpatialGuidance",),
                     "5c": ("MultiCond_MaskedAdapter",), "5d": ("MultiCond_MaskedAdapter",)}
 DIT_EFFECT_WORKFLOWS = [path for path in WORKFLOWS if path.stem[:2] in DIT_EFFECT_NODES]
 
@@ -654,11 +660,32 @@ def test_every_dit_node_check_has_its_workflow() -> None:
     assert sorted(path.stem[:2] for path in DIT_EFFECT_WORKFLOWS) == sorted(DIT_EFFECT_NODES)
 
 
+@pytest.mark.parametrize("path", [path for path in WORKFLOWS if path.stem.startswith("4")], ids=lambda path: path.stem)
+def test_the_spatial_guidance_workflows_run_the_seeds_settings_and_dits_keep_their_weight(path: Path,
+                                                                                          object_info: dict) -> None:
+    """UNets: the paper's settings on every step; SD3.5 and Flux: the SD3 seed's (end 0.3, alpha 1.5, lambda_spatial
+    0.5). The shrinker raises the weight for the tiny UNets only: a tiny DiT's maps follow the latent at 1000."""
+    graph = ui_to_api(load_workflow(path), object_info)
+    (node,) = nodes_of(graph, "MultiCond_SpatialGuidance")
+    inputs = graph[node]["inputs"]
+    dit = "SD3.5" in path.stem or "Flux" in path.stem
+    seed = (0.3, 1.5, 0.5) if dit else (1.0, 0.75, 1.0)
+    assert (inputs["weight"], inputs["end_percent"], inputs["alpha"], inputs["lambda_spatial"]) == (1000.0, *seed)
+    (sampler,) = nodes_of(graph, "KSampler")
+    positive = graph[sampler]["inputs"]["positive"]
+    while graph[positive[0]]["class_type"] == "FluxGuidance":
+        positive = graph[positive[0]]["inputs"]["conditioning"]
+    assert positive == [node, 1] and graph[sampler]["inputs"]["model"] == [node, 0]
+    shrunk = shrink_for_tiny_models(graph)
+    assert shrunk[node]["inputs"]["weight"] == (1000.0 if dit else 100000.0)
+
+
 @pytest.mark.parametrize("path", DIT_EFFECT_WORKFLOWS, ids=lambda path: path.stem)
 def test_each_pack_node_of_a_dit_workflow_changes_the_result(path: Path, server: Server, object_info: dict) -> None:
-    """On the tiny SD3.5 and Flux-dev through the server, each StyleAligned node, either blend and the Masked Adapter,
-    bypassed, changes the sampled latent (bypassing a blend leaves the first prompt alone, bypassing the Masked
-    Adapter lets the ControlNet act on the whole image)."""
+    """On the tiny SD3.5 and Flux-dev through the server, each StyleAligned node, either blend, Spatial Guidance and the
+    Masked Adapter, bypassed, changes the sampled latent (bypassing a blend leaves the first prompt alone, bypassing
+    Spatial Guidance samples a plain encoding of its text, bypassing the Masked Adapter lets the ControlNet act on the
+    whole image)."""
     graph = shrink_for_tiny_models(ui_to_api(load_workflow(path), object_info))
     tag = path.stem[:2]
     (loader,) = nodes_of(graph, TINY_LOADER)
