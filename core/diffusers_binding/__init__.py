@@ -4,10 +4,11 @@ StyleAligned on any SD1.x/SD2/SDXL-shaped `UNet2DConditionModel` (`install_style
 DDIM inversion of a reference image and pinned sampling (`invert_image`, `pin_reference`,
 `generate`), dual-style blending of two prompts in one image (`install_epsilon_blend`,
 `install_cross_attention_blend`, `generate_dual_style`), InfSplign spatial guidance
-(`generate_spatial`, `install_spatial_maps`, `object_tokens`), the Conditional Balance analysis that
-grades layers from an image series (`analyze_shard`, `merge_shards`, `grade_series`), StyleAligned
-on SD3/SD3.5 and Flux transformers (`install_style_aligned_dit`, `install_style_aligned_flux`) with flow
-inversion and pinned sampling on their pipelines (`invert_flow_image`, `pin_flow_reference`, `generate_flow`),
+(`generate_spatial`, `install_spatial_maps`, `object_tokens`; on SD3/SD3.5 and Flux
+`generate_spatial_flow`), the Conditional Balance analysis that grades layers from an image series
+(`analyze_shard`, `merge_shards`, `grade_series`), StyleAligned on SD3/SD3.5 and Flux transformers
+(`install_style_aligned_dit`, `install_style_aligned_flux`) with flow inversion and pinned sampling on their
+pipelines (`invert_flow_image`, `pin_flow_reference`, `generate_flow`),
 tiny random pipelines for tests and demos (`tiny_pipeline`, `tiny_dit_pipeline`), offline checkpoint loading (`load_checkpoint`)
 and the command line (`cli.main`, run as `python -m multicond`).
 
@@ -38,6 +39,8 @@ _EXPORTS: dict[str, str] = {
                      "load_checkpoint", "pin_reference"), "pipeline"),
     **dict.fromkeys(("SpatialGuidance", "SpatialHandle", "SpatialMapProcessor", "SpatialResult", "generate_spatial",
                      "infsplign_scheduler", "install_spatial_maps", "object_tokens"), "spatial"),
+    **dict.fromkeys(("FlowSpatialHandle", "flow_object_tokens", "generate_spatial_flow", "install_flow_spatial_maps"),
+                    "spatial_flow"),
     **dict.fromkeys(("StyleAlignedHandle", "StyleAlignedProcessor", "install_style_aligned", "shared_layers",
                      "unet_layout"), "style_aligned"),
     **dict.fromkeys(("load_pipeline", "tiny_dit_pipeline", "tiny_pipeline", "tiny_unet"), "tiny"),

@@ -629,6 +629,8 @@ def _dual_style(ns: argparse.Namespace, weights: Weights, device: str) -> int:
 # ---------------------------------------------------------------- spatial
 
 SPATIAL_PROMPT = "a cat to the left of a dog"
+SPATIAL_FLOW_END = 0.3  # spatial_flow.SEED_END: the seed guides the first 30 % of the steps
+SPATIAL_UNET = {"steps": 50, "cfg": 7.5, "end": 1.0, "scheduler": "ddpm"}  # the original's
 
 
 def _relation(text: str) -> str:
@@ -654,8 +656,9 @@ def _add_spatial_parser(commands: argparse._SubParsersAction) -> None:
                                  formatter_class=HelpFormatter,
                                  description="Generate images of a prompt such as 'a cat to the left of a dog' with "
                                              "InfSplign's guidance: at every guided step the gradient of a loss on the "
-                                             "two objects' cross-attention maps moves the noise prediction. Writes the "
-                                             "PNGs and centroids.json (each object's final-map centroid per image).")
+                                             "two objects' cross-attention maps moves the noise prediction (SD3/Flux: "
+                                             "the seed's joint-attention maps and latent step). Writes the PNGs and "
+                                             "centroids.json (each object's final-map centroid per image).")
     parser.add_argument("--prompt", default=SPATIAL_PROMPT, help="the prompt")
     parser.add_argument("--object-a", help="the first object, a word of the prompt (default: parsed from the prompt)")
     parser.add_argument("--relation", type=_relation,
@@ -675,18 +678,25 @@ def _add_spatial_parser(commands: argparse._SubParsersAction) -> None:
     loss.add_argument("--lambda-balance", type=float, default=defaults["lambda_balance"],
                       help="weight of |var_A - var_B| on the finer layers")
     loss.add_argument("--weight", type=float, default=defaults["weight"],
-                      help="eps <- eps + weight * dL/dx_t; 0 samples without guidance")
+                      help="eps <- eps + weight * dL/dx_t (SD3/Flux: x <- x - 0.03 weight dL/dx, the seed's 30 at "
+                           "1000); 0 samples without guidance")
     loss.add_argument("--start", type=_fraction, default=0.0, help="guide from this fraction of the steps")
-    loss.add_argument("--end", type=_fraction, default=1.0, help="up to this fraction of the steps (1: all)")
-    parser.add_argument("--scheduler", choices=("ddpm", "pipeline"), default="ddpm",
-                        help="ddpm: the original's DDPM with trailing timesteps; pipeline: the loaded one's (DDIM)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    loss.add_argument("--end", type=_fraction,
+                      help=f"up to this fraction of the steps (default: 1, all; SD3/Flux: the seed's "
+                           f"{SPATIAL_FLOW_END:g})")
+    parser.add_argument("--scheduler", choices=("ddpm", "pipeline"),
+                        help="ddpm: the original's DDPM with trailing timesteps; pipeline: the loaded one's (DDIM) "
+                             "(default: ddpm on UNets; SD3/Flux: pipeline, their flow-matching Euler, the only one)")
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default: 50; {DEFAULT_STEPS['sd3']} on SD3 and "
+                                                  "Flux)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale (default: 7.5; SD3 {DEFAULT_CFG['sd3']:g}; Flux-dev: its "
+                             f"distilled guidance, {DEFAULT_CFG['flux']:g})")
     parser.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i")
     parser.add_argument("--images", type=int, default=1, help="how many images")
-    parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 8 (default: the model's; "
-                                                 f"{TINY_IMAGE_SIZE} for the tiny model)")
-    add_model_flags(parser)
+    parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 8, of 16 on SD3/Flux (default: "
+                                                 f"the model's; {TINY_IMAGE_SIZE} for the tiny model)")
+    add_model_flags(parser, dits=True)
     add_device_flag(parser)
     add_out_flag(parser, "spatial", "the PNGs and centroids.json")
     parser.add_argument("--plain", action="store_true", help="also write unguided images from the same noise")
@@ -705,12 +715,25 @@ def _validate_spatial(ns: argparse.Namespace) -> None:
                      f"e.g. '{SPATIAL_PROMPT}' ({', '.join(RELATIONS)}), or give {flags}")
         for name in missing:
             setattr(ns, name, getattr(parsed, name))
+    dit = ns.family in DIT_FAMILIES
+    if dit and ns.scheduler == "ddpm":
+        fail(ns, "--scheduler ddpm is for UNets; SD3/Flux sample with their own flow-matching Euler (drop --scheduler)")
+    if dit:
+        family_defaults(ns)
+        ns.end, ns.scheduler = SPATIAL_FLOW_END if ns.end is None else ns.end, "pipeline"
+    for name, value in SPATIAL_UNET.items():
+        if getattr(ns, name) is None:
+            setattr(ns, name, value)
     if ns.start > ns.end:
         fail(ns, f"--start ({ns.start}) must not be after --end ({ns.end})")
     if ns.steps < 1 or ns.images < 1:
         fail(ns, "--steps and --images must be >= 1")
-    if ns.size is not None and (ns.size < 8 or ns.size % 8):
-        fail(ns, f"--size must be a positive multiple of 8 (latents are 1/8 of the image), got {ns.size}")
+    if ns.cfg <= 0:
+        fail(ns, f"--cfg must be > 0, got {ns.cfg}")
+    step = 16 if dit else 8  # SD3 patches and Flux packs 2x2 latent pixels
+    if ns.size is not None and (ns.size < step or ns.size % step):
+        fail(ns, f"--size must be a positive multiple of {step} (latents are 1/8 of the image"
+                 f"{', in 2x2 tokens on SD3/Flux' if dit else ''}), got {ns.size}")
     check_checkpoint(ns)
 
 
@@ -738,25 +761,40 @@ def _spatial_records(result: SpatialResult, files: list[Path], seed: int, guided
                                                                 result.distances, result.holds))]
 
 
-def _spatial(ns: argparse.Namespace, device: str) -> int:
-    from .spatial import generate_spatial, infsplign_scheduler, object_tokens
+def _spatial_generator(ns: argparse.Namespace, pipe: DiffusionPipeline) -> Callable[..., SpatialResult]:
+    """`generate_spatial` (UNets) or `generate_spatial_flow` (SD3/Flux; the tiny T5's length without --checkpoint),
+    after checking the object words against the tokenizer the maps read."""
+    from functools import partial
 
-    pipe = load_model(ns, device, ns.seed)
-    if ns.scheduler == "ddpm":
-        pipe.scheduler = infsplign_scheduler(pipe)
+    from .spatial import generate_spatial, infsplign_scheduler, object_tokens
+    from .spatial_flow import flow_object_tokens, generate_spatial_flow
+
+    dit = ns.family in DIT_FAMILIES
+    text = {"max_sequence_length": TINY_T5_TOKENS} if dit and ns.checkpoint is None else {}
+    tokens = partial(flow_object_tokens, **text) if dit else object_tokens
     try:
-        object_tokens(pipe, ns.prompt, ns.object_b, exclude=object_tokens(pipe, ns.prompt, ns.object_a))
+        tokens(pipe, ns.prompt, ns.object_b, tokens(pipe, ns.prompt, ns.object_a))
     except ValueError as error:
         fail(ns, f"{error} (--object-a/--object-b)")
+    if dit:
+        return partial(generate_spatial_flow, **text)
+    if ns.scheduler == "ddpm":
+        pipe.scheduler = infsplign_scheduler(pipe)
+    return generate_spatial
+
+
+def _spatial(ns: argparse.Namespace, device: str) -> int:
+    pipe = load_model(ns, device, ns.seed)
+    generate_spatial = _spatial_generator(ns, pipe)
     settings = spatial_settings(ns)
     size = ns.size or (TINY_IMAGE_SIZE if ns.checkpoint is None else None)
     print(f"InfSplign: {ns.object_a!r} {ns.relation} {ns.object_b!r}, weight {settings.weight:g}, "
-          f"{type(pipe.scheduler).__name__} {ns.steps} steps")
+          f"{type(pipe.scheduler).__name__} {ns.steps} steps, guided {ns.start:g}..{ns.end:g} of them")
     runs = [("spatial", settings)] + ([("plain", dataclasses.replace(settings, weight=0.0))] if ns.plain else [])
     ns.out.mkdir(parents=True, exist_ok=True)
-    report = {"prompt": ns.prompt, "object_a": ns.object_a, "relation": ns.relation, "object_b": ns.object_b,
-              "settings": dataclasses.asdict(settings), "start": ns.start, "end": ns.end, "steps": ns.steps,
-              "cfg": ns.cfg, "scheduler": type(pipe.scheduler).__name__, "images": []}
+    report = {"family": ns.family, "prompt": ns.prompt, "object_a": ns.object_a, "relation": ns.relation,
+              "object_b": ns.object_b, "settings": dataclasses.asdict(settings), "start": ns.start, "end": ns.end,
+              "steps": ns.steps, "cfg": ns.cfg, "scheduler": type(pipe.scheduler).__name__, "images": []}
     for name, run_settings in runs:
         result = generate_spatial(pipe, ns.prompt, ns.object_a, ns.relation, ns.object_b, run_settings, steps=ns.steps,
                                   guidance_scale=ns.cfg, seed=ns.seed, images=ns.images, height=size, width=size,
@@ -766,7 +804,7 @@ def _spatial(ns: argparse.Namespace, device: str) -> int:
             image.save(path)
             print(path)
         report.update(tokens_a=result.tokens_a, tokens_b=result.tokens_b)
-        report["images"] += _spatial_records(result, files, ns.seed, name == "spatial" and run_settings.weight != 0)
+        report["images"] += _spatial_records(result, files, ns.seed, bool(result.guided_steps))
         print(f"{name}: the relation holds (d > 0) in {sum(result.holds)} of {ns.images} images' final maps")
     path = ns.out / "centroids.json"
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -29,6 +29,7 @@ from ..spatial import (RELATION_PHRASES, LayerMaps, SpatialSettings, attention_w
                        find_subsequence, guidance_layers, guidance_loss, object_map, relation_distance)
 from .handle import ProcessorHandle
 from .dual_style import DualContextProcessor
+from .flow_pipeline import flow_family
 from .pipeline import cfg_unet_inputs, default_size, row_generators
 from .processor import TokenGrid, attention_inputs, attention_output, call_argument, cross_attention_layers, projections
 from .style_aligned import unet_layout, unet_of
@@ -56,17 +57,20 @@ def normalized_relation(relation: str) -> str:
 # ---------------------------------------------------------------- tokens
 
 
-def object_tokens(pipe: DiffusionPipeline, prompt: str, word: str, exclude: Sequence[int] = ()) -> list[int]:
+def object_tokens(pipe: DiffusionPipeline, prompt: str, word: str, exclude: Sequence[int] = (), *,
+                  tokenizer: Any = None, max_length: int | None = None) -> list[int]:
     """The positions of `word`'s tokens in the tokenised `prompt` (BOS at 0), avoiding `exclude`.
 
     As the original: the prompt is tokenised with the pipeline's `tokenizer` (CLIP-L on SDXL, whose
     positions the 2048-wide context shares), the word without BOS/EOS, and the first occurrence of
     the word's ids that avoids `exclude` is taken. Pass object A's positions as `exclude` for
     object B, so "a dog to the left of a dog" gives B the second dog. A word that is not in the
-    prompt (within the tokenizer's context) raises a ValueError naming both.
+    prompt (within the tokenizer's context) raises a ValueError naming both. `tokenizer` and `max_length`
+    pick another tokenizer and context (Flux: its T5's, no start token; `spatial_flow.flow_object_tokens`).
     """
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    tokenizer = tokenizer or pipe.tokenizer
+    max_length = max_length or tokenizer.model_max_length
+    ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
     word_ids = tokenizer(word, add_special_tokens=False).input_ids
     if not word.strip() or not word_ids:
         raise ValueError(f"the object word must be a word of the prompt, got {word!r}")
@@ -74,7 +78,7 @@ def object_tokens(pipe: DiffusionPipeline, prompt: str, word: str, exclude: Sequ
     if not positions:
         again = " (again, apart from the other object's)" if find_subsequence(ids, word_ids) else ""
         raise ValueError(f"the object {word!r} is not{again} in the prompt {prompt!r} (within its first "
-                         f"{tokenizer.model_max_length} tokens); use a word of the prompt, spelled as there")
+                         f"{max_length} tokens); use a word of the prompt, spelled as there")
     return positions
 
 
@@ -420,6 +424,16 @@ def decode(pipe: DiffusionPipeline, latents: torch.Tensor, output_type: str = "p
     return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
 
 
+def checked_run(settings: SpatialSettings, relation: str, steps: int, images: int, start: float,
+                end: float) -> SpatialSettings:
+    """`settings` with the relation normalised; a ValueError for steps, images or a guided range out of bounds."""
+    if steps < 1 or images < 1:
+        raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"start and end are fractions of the steps with 0 <= start <= end <= 1, got {start}, {end}")
+    return dataclasses.replace(settings, relation=normalized_relation(relation))
+
+
 def generate_spatial(pipe: DiffusionPipeline, prompt: str, object_a: str, relation: str, object_b: str,
                      settings: SpatialSettings = SpatialSettings(), *, steps: int = 50, guidance_scale: float = 7.5,
                      seed: int = 0, images: int = 1, height: int | None = None, width: int | None = None,
@@ -431,12 +445,12 @@ def generate_spatial(pipe: DiffusionPipeline, prompt: str, object_a: str, relati
     `settings.weight == 0`, which is then the pipeline's own sampling from the same noise, exactly).
     Image i starts from the noise of `seed + i`, its generator also drawing the scheduler's step
     noise (as `pipe(generator=[...])`). The UNet is restored afterwards, also on an error.
+    SD3/SD3.5 and Flux pipelines: `spatial_flow.generate_spatial_flow`.
     """
-    settings = dataclasses.replace(settings, relation=normalized_relation(relation))
-    if steps < 1 or images < 1:
-        raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"start and end are fractions of the steps with 0 <= start <= end <= 1, got {start}, {end}")
+    if flow_family(pipe) is not None:  # the seed's joint-attention version has its own defaults (28 steps, 30 %)
+        raise TypeError(f"generate_spatial is for UNet pipelines; for {type(pipe).__name__} use "
+                        "spatial_flow.generate_spatial_flow (InfSplign's SD3 extension, also on Flux)")
+    settings = checked_run(settings, relation, steps, images, start, end)
     height, width = height or default_size(pipe), width or default_size(pipe)
     scale = pipe.vae_scale_factor
     if height % scale or width % scale:
