@@ -81,3 +81,38 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 def paired_cost(rounds: dict[str, list[float]], with_name: str, without_name: str, base_name: str) -> float:
     """Median over rounds of (with - without) / base: what one setting adds, in base calls, robust to drift."""
     return statistics.median((w - wo) / b for w, wo, b in zip(rounds[with_name], rounds[without_name], rounds[base_name]))
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the ops run while the mode is on, by torch.utils.flop_counter's formulas (matmuls, convolutions, the
+    SDPA kernels it knows). Unlike FlopCounterMode it sets no module hooks, so a call that runs autograd.grad inside
+    (Spatial Guidance's guided pass) can be counted, backward included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None and func is not torch.ops.prim.device.default:
+            with self:  # a composite op (linear, SDPA under inference_mode): count what it decomposes into
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def math_flops(run: Callable[[], object]) -> int:
+    """FLOPs of `run`, attention through PyTorch's math kernel (matmuls the formulas count; the CPU's fused kernel has
+    none)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCount() as counter:
+        run()
+    return counter.total

@@ -250,7 +250,7 @@ SEED_DEPTH = 24  # SD3-medium, the model the seed's block numbers are for
 EARLY_BLOCKS, LATE_BLOCKS = (4, 8), (8, 10)  # the seed's blocks 4-7 and 8-9 (get_adaptive_blocks), half-open
 LATE_FRACTION = 0.35  # the seed measures the late blocks once (N - i) / N <= 0.35
 SEED_STEP, SEED_WEIGHT = 30.0, 1000.0  # the seed's latent step 30 at the node's default weight (the paper's 1000)
-ROW_CHUNK = 1024  # image query rows per log-sum-exp chunk
+ROW_CHUNK = 256  # image query rows per log-sum-exp chunk: bounds the rows x all-keys matrix the backward holds
 
 
 def _row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
