@@ -197,33 +197,37 @@ def dual_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
 Span = tuple[int, int]  # [start, stop) of a run of tokens in a joint sequence
 
 
-def dual_text_joint_attention(attend: Callable[[torch.Tensor], torch.Tensor], tokens: int, first_text: Span,
-                              second_text: Span, image: Span, weight: torch.Tensor,
-                              device: torch.device | None = None) -> torch.Tensor:
+def dual_text_joint_attention(attend: Callable[[torch.Tensor, list[int] | None], torch.Tensor], tokens: int,
+                              first_text: Span, second_text: Span, image: Span, weight: torch.Tensor,
+                              device: torch.device | None = None, second_rows: list[int] | None = None) -> torch.Tensor:
     """The cross-attention blend inside one joint attention (dit.md §4.3, way (c): a split softmax).
 
     The two prompts' text tokens never see each other: every token but the second text attends in one pass
     (the first prompt's), every token but the first text in another (the second's). The image tokens take
     `weight * first + (1 - weight) * second`, the UNet blend of the two cross-attention outputs, each text
     its own pass, any other token (e.g. Kontext references) the first pass; with a weight of 1 everywhere
-    the result is the first prompt's attention exactly. `attend(index)` runs the joint attention on the
-    tokens at `index` (ascending positions) and returns `(B, len(index), C)`; `weight` broadcasts to
-    `(B, image tokens, 1)`.
+    the result is the first prompt's attention exactly. `attend(index, rows)` runs the joint attention on the
+    tokens at `index` (ascending positions) of the batch rows `rows` (None: all) and returns
+    `(rows, len(index), C)`; `weight` broadcasts to `(B, image tokens, 1)`. `second_rows` (None: all) limits the
+    second pass to the rows that blend (not the uncond ones, whose weight is 1): the others' image tokens are the
+    first pass's, and their second-text tokens, which no image token of theirs ever reads, are left zero.
     """
     positions = torch.arange(tokens, device=device)
     without_second = positions[(positions < second_text[0]) | (positions >= second_text[1])]
     without_first = positions[(positions < first_text[0]) | (positions >= first_text[1])]
-    first = attend(without_second)
-    second = attend(without_first)
-    out = first.new_empty(first.shape[0], tokens, first.shape[-1])
+    first = attend(without_second, None)
+    second = attend(without_first, second_rows)
+    out = first.new_zeros(first.shape[0], tokens, first.shape[-1])
     out[:, without_second] = first
+    rows = slice(None) if second_rows is None else second_rows
     before = lambda span, gap: span[0] - (gap[1] - gap[0] if gap[0] < span[0] else 0)  # noqa: E731 - start in a pass
     second_start = before(second_text, first_text)
-    out[:, second_text[0]:second_text[1]] = second[:, second_start:second_start + second_text[1] - second_text[0]]
+    out[rows, second_text[0]:second_text[1]] = second[:, second_start:second_start + second_text[1] - second_text[0]]
     length = image[1] - image[0]
     first_image, second_image = before(image, second_text), before(image, first_text)
-    out[:, image[0]:image[1]] = blend(first[:, first_image:first_image + length],
-                                      second[:, second_image:second_image + length], weight)
+    row_weight = weight if weight.shape[0] == 1 else weight[rows]
+    out[rows, image[0]:image[1]] = blend(first[rows, first_image:first_image + length],
+                                         second[:, second_image:second_image + length], row_weight)
     return out
 
 

@@ -482,14 +482,21 @@ class DualTextPatch:
         ones = torch.ones_like(weight[:1])
         rows = torch.cat([(weight if kind != UNCOND else ones).expand(images, -1, -1) for kind in chunks])
 
-        def attend(index: torch.Tensor) -> torch.Tensor:
+        cond = [kind != UNCOND for kind in chunks]
+        # The second pass only where it blends: the uncond chunks (weight 1) would compute it for nothing.
+        second_rows = None if all(cond) else [c * images + i for c, is_cond in enumerate(cond) if is_cond
+                                              for i in range(images)]
+
+        def attend(index: torch.Tensor, batch_rows: list[int] | None) -> torch.Tensor:
             picked = tuple(x.index_select(token_dim, index) for x in args[:3])
-            text = int((index < tokens.text).sum())  # this pass's text tokens: one prompt's
-            return self._attend(func, *picked, *args[3:],
-                                **{**kwargs, "transformer_options": narrowed(options, text, index)})
+            pass_options = narrowed(options, int((index < tokens.text).sum()), index)  # one prompt's text tokens
+            if batch_rows is not None:  # the cond chunks alone: what the patches below see of the batch
+                picked = tuple(x[batch_rows] for x in picked)
+                pass_options["cond_or_uncond"] = [kind for kind in chunks if kind != UNCOND]
+            return self._attend(func, *picked, *args[3:], **{**kwargs, "transformer_options": pass_options})
 
         spans = (0, tokens.first), (tokens.first, tokens.text), (tokens.text, tokens.text + tokens.image)
-        return dual_text_joint_attention(attend, q.shape[token_dim], *spans, rows, q.device)
+        return dual_text_joint_attention(attend, q.shape[token_dim], *spans, rows, q.device, second_rows)
 
     def blends(self, options: dict) -> bool:
         """Whether the running block blends (every block without a selection; a graded one by 1000·σ)."""

@@ -251,7 +251,7 @@ def test_dual_text_joint_attention_is_two_split_softmaxes_blended_on_the_image(o
     spans = ((0, 3), (3, 5), (5, 11)) if order == "text first" else ((6, 9), (9, 11), (0, 6))
     first_text, second_text, image = spans
     weight = torch.rand(2, 6, 1, generator=torch.Generator().manual_seed(1))
-    attend = lambda index: sdpa_attention(q[:, index], k[:, index], v[:, index], 2)  # noqa: E731
+    attend = lambda index, rows=None: sdpa_attention(q[:, index], k[:, index], v[:, index], 2)  # noqa: E731
     out = dual_text_joint_attention(attend, 11, first_text, second_text, image, weight)
     keep = lambda drop: [i for i in range(11) if not drop[0] <= i < drop[1]]  # noqa: E731
     without_second, without_first = keep(second_text), keep(first_text)
@@ -265,3 +265,27 @@ def test_dual_text_joint_attention_is_two_split_softmaxes_blended_on_the_image(o
                                rtol=0, atol=1e-6)
     ones = dual_text_joint_attention(attend, 11, first_text, second_text, image, torch.ones(1, 6, 1))
     assert torch.equal(ones[:, keep(second_text)], alone_first)  # weight 1: the first prompt's attention exactly
+
+
+def test_the_second_pass_can_skip_rows_that_do_not_blend():
+    """Rows left out of the second pass (uncond, weight 1) keep the first pass's image tokens exactly; the rows in it
+    equal the full computation; the skipped rows' second-text tokens are zero (no image token reads them)."""
+    from multicond.core.attention import sdpa_attention
+    from multicond.core.blend import dual_text_joint_attention
+
+    q, k, v = _joint(11)
+    spans = ((0, 3), (3, 5), (5, 11))
+    weight = torch.cat([torch.ones(1, 6, 1), torch.rand(1, 6, 1, generator=torch.Generator().manual_seed(4))])
+    calls = []
+
+    def attend(index, rows=None):
+        calls.append(rows)
+        rows = slice(None) if rows is None else rows
+        return sdpa_attention(q[rows][:, index], k[rows][:, index], v[rows][:, index], 2)
+
+    full = dual_text_joint_attention(attend, 11, *spans, weight)
+    narrow = dual_text_joint_attention(attend, 11, *spans, weight, second_rows=[1])
+    assert calls == [None, None, None, [1]]
+    torch.testing.assert_close(narrow[1], full[1], rtol=0, atol=1e-6)
+    assert torch.equal(narrow[0, 5:], full[0, 5:]) and torch.equal(narrow[0, :3], full[0, :3])
+    assert torch.equal(narrow[0, 3:5], torch.zeros(2, 8))

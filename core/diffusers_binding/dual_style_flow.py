@@ -268,8 +268,8 @@ class DualTextProcessor:
             first = (image_tokens, image_tokens + blend.first_tokens)
             second, image = (first[1], q.shape[1]), (0, image_tokens)
         weight = blend.row_weight if self.blends() else torch.ones_like(blend.row_weight)
-        out = dual_text_joint_attention(lambda index: sdpa_attention(q[:, index], k[:, index], v[:, index], heads),
-                                        q.shape[1], first, second, image, weight, q.device).to(q.dtype)
+        attend = lambda index, rows: sdpa_attention(q[:, index], k[:, index], v[:, index], heads)  # noqa: E731
+        out = dual_text_joint_attention(attend, q.shape[1], first, second, image, weight, q.device).to(q.dtype)
         if not blend.flux:
             return sd3_joint_output(attn, out, hidden_states.shape[1])
         if encoder_hidden_states is None:  # a single block: the joint stream goes on as one
