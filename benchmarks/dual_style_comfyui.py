@@ -18,7 +18,6 @@ second text's keys, in every joint attention). FLOPs are counted with math atten
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import benchmarks.comfy_setup  # noqa: E402,F401 - ComfyUI first, then the pack
 import torch  # noqa: E402
 
 from benchmarks.comfy_setup import DIT_SIZES, dit_sample, tiny_sd35l  # noqa: E402
-from benchmarks.measure import alternate, math_flops, peak_mib  # noqa: E402
+from benchmarks.measure import alternate, family_main, math_flops, peak_mib  # noqa: E402
 from multicond.nodes.blend import CrossAttnBlend, EpsilonBlend  # noqa: E402
 from tests.comfyui import tiny  # noqa: E402
 
@@ -121,13 +120,7 @@ def dits(repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="EpsilonBlend and CrossAttnBlend over vanilla in a real ComfyUI.")
-    parser.add_argument("--dit", action="store_true", help="the tiny SD3.5-L-like and Flux-dev-like models instead "
-                                                           "of the UNet")
-    parser.add_argument("--repeats", type=int, default=7, help="alternated rounds (default 7)")
-    options = parser.parse_args()
-    torch.set_num_threads(1)  # steady timings on a shared machine
-    (dits if options.dit else unets)(options.repeats)
+    family_main("EpsilonBlend and CrossAttnBlend over vanilla in a real ComfyUI.", unets, dits, 7)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,16 @@ def math_flops(run: Callable[[], object]) -> int:
     with sdpa_kernel(SDPBackend.MATH), FlopCount() as counter:
         run()
     return counter.total
+
+
+def family_main(description: str, unets: Callable[[int], None], dits: Callable[[int], None], repeats: int) -> None:
+    """The command line of a ComfyUI node benchmark: the UNets, or with --dit the tiny SD3.5 and Flux, one thread."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dit", action="store_true", help="the tiny SD3.5-L-like and Flux-dev-like models instead "
+                                                           "of the UNets")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"alternated rounds (default {repeats})")
+    options = parser.parse_args()
+    torch.set_num_threads(1)  # steady timings on a shared machine
+    (dits if options.dit else unets)(options.repeats)

@@ -20,7 +20,6 @@ embedders and that block only; FLOPs are counted too (benchmarks/measure.py, mat
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import benchmarks.comfy_setup  # noqa: E402,F401 - ComfyUI first, then the pack
 import torch  # noqa: E402
 
 from benchmarks.comfy_setup import DIT_SIZES, dit_sample, tiny_sd35l  # noqa: E402
-from benchmarks.measure import alternate, math_flops, peak_mib  # noqa: E402
+from benchmarks.measure import alternate, family_main, math_flops, peak_mib  # noqa: E402
 from multicond.nodes.spatial import FROM_PROMPT, SpatialGuidance  # noqa: E402
 from tests.comfyui import tiny  # noqa: E402
 from tests.comfyui.tiny_pack import FLUX_DEV, SD35, TinyCheckpoint  # noqa: E402
@@ -103,13 +102,7 @@ def dits(repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="SpatialGuidance over vanilla in a real ComfyUI.")
-    parser.add_argument("--dit", action="store_true", help="the tiny SD3.5-L-like and Flux-dev-like models instead "
-                                                           "of the UNets")
-    parser.add_argument("--repeats", type=int, default=5, help="alternated rounds (default 5)")
-    options = parser.parse_args()
-    torch.set_num_threads(1)  # steady timings on a shared machine
-    (dits if options.dit else unets)(options.repeats)
+    family_main("SpatialGuidance over vanilla in a real ComfyUI.", unets, dits, 5)
 
 
 if __name__ == "__main__":

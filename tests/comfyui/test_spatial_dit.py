@@ -28,7 +28,7 @@ from multicond.nodes.spatial import (FROM_PROMPT, RECORD, DetachedTail, JointMap
                                      SpatialGuidance, install_joint, object_positions)
 
 from . import tiny_dit  # noqa: E402
-from .test_spatial_node import record_gradients  # noqa: E402
+from .test_spatial_node import count_guided_passes, record_gradients  # noqa: E402
 from .tiny_pack import FLUX_DEV, SD35, TinyCheckpoint  # noqa: E402
 
 PROMPT = "a photo of a cat to the left of a dog"
@@ -136,14 +136,7 @@ def test_the_gradient_reaches_the_latent_and_the_update_is_the_seeds_latent_step
 
 def test_only_the_guided_steps_change(loaded, monkeypatch):
     model, clip, negative = loaded
-    calls = []
-    original = spatial_module.GuidanceWrapper._guided
-
-    def spy(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(spatial_module.GuidanceWrapper, "_guided", spy)
+    calls = count_guided_passes(monkeypatch)
     patched, positive = guided(model, clip, weight=50000.0, end_percent=0.3)
     steered = run(patched, positive, negative, steps=4)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 4)[:-1]

@@ -80,6 +80,19 @@ def test_inference_weights_give_the_same_guidance_as_ordinary_weights():
                         amplification=15)
 
 
+def count_guided_passes(monkeypatch) -> list:
+    """One entry per guided pass the node runs (GuidanceWrapper._guided)."""
+    calls = []
+    original = spatial_module.GuidanceWrapper._guided
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(spatial_module.GuidanceWrapper, "_guided", spy)
+    return calls
+
+
 def record_gradients(monkeypatch) -> list:
     """Every gradient a guided step adds (StepGradient.add), cloned, in order."""
     gradients = []
@@ -127,14 +140,7 @@ def test_guided_layers_and_their_roles(kind):
 def test_start_and_end_limit_the_guided_steps(monkeypatch):
     model, clip = load("sd15")
     negative = negative_of(clip)
-    calls = []
-    original = spatial_module.GuidanceWrapper._guided
-
-    def spy(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(spatial_module.GuidanceWrapper, "_guided", spy)
+    calls = count_guided_passes(monkeypatch)
     patched, positive = guided(model, clip, start_percent=0.0, end_percent=0.5)
     run(patched, "sd15", positive, negative, steps=4)
     assert 0 < len(calls) < 4
