@@ -216,9 +216,11 @@ def dual_text_joint_attention(attend: Callable[[torch.Tensor, list[int] | None],
     without_second = positions[(positions < second_text[0]) | (positions >= second_text[1])]
     without_first = positions[(positions < first_text[0]) | (positions >= first_text[1])]
     first = attend(without_second, None)
-    second = attend(without_first, second_rows)
     out = first.new_zeros(first.shape[0], tokens, first.shape[-1])
     out[:, without_second] = first
+    if second_rows is not None and not second_rows:  # no row blends (a call of uncond rows only)
+        return out
+    second = attend(without_first, second_rows)
     rows = slice(None) if second_rows is None else second_rows
     before = lambda span, gap: span[0] - (gap[1] - gap[0] if gap[0] < span[0] else 0)  # noqa: E731 - start in a pass
     second_start = before(second_text, first_text)

@@ -38,6 +38,8 @@ EPSILON_WRAPPER_KEY = "multicond.epsilon_blend"
 CONTEXT_WRAPPER_KEY = "multicond.cross_attn_blend"
 DUAL_TEXT = "multicond_dual_text"  # transformer_options key: the DualText of a DiT call
 BLOCK_LAYER = "multicond_blend_layer"  # transformer_options key: the running DiT block's LayerId (LayerStamp)
+DUAL_TEXT_PASS = "multicond_dual_text_pass"  # transformer_options key of a pass's call: SECOND_PASS on the second's
+SECOND_PASS = "second"
 
 PROFILES = ("sigmoid", "linear", "cosine", "mask")
 ANGLE = "angle"
@@ -464,7 +466,7 @@ class DualTextPatch:
     layout: DiTLayout
     selection: LayerSelection | None = None
     inner: Any = None
-    keeps_outside: ClassVar[bool] = True  # patches applied later (Shared Attention, AdaIN Style) see one pass each
+    keeps_outside: ClassVar[bool] = True  # patches applied later (style, spatial maps) see one pass each
 
     def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options") or {}
@@ -490,6 +492,8 @@ class DualTextPatch:
         def attend(index: torch.Tensor, batch_rows: list[int] | None) -> torch.Tensor:
             picked = tuple(x.index_select(token_dim, index) for x in args[:3])
             pass_options = narrowed(options, int((index < tokens.text).sum()), index)  # one prompt's text tokens
+            if int(index[0]) == tokens.first:  # the second text starts this pass: patches below may tell (the maps)
+                pass_options[DUAL_TEXT_PASS] = SECOND_PASS
             if batch_rows is not None:  # the cond chunks alone: what the patches below see of the batch
                 picked = tuple(x[batch_rows] for x in picked)
                 pass_options["cond_or_uncond"] = [kind for kind in chunks if kind != UNCOND]

@@ -191,9 +191,9 @@ def is_pack_patch(patch: Any) -> bool:
 def set_override(options: dict, build: Callable[[Any], Any]) -> None:
     """Install `build(current)` as the attention override below the pack's patches that stay outermost.
 
-    Those (`keeps_outside`: the spatial map recorder, the DiT text blend) must see each model call's whole sequence
-    and hand narrowed calls down, so a node applied after them goes inside them; their order is kept. `build`
-    receives what is below them (it may reuse an existing patch of its own kind).
+    Those (`keeps_outside`: the DiT text blend) must see each model call's whole sequence and hand narrowed calls
+    down, so a node applied after them goes inside them; their order is kept. `build` receives what is below them
+    (it may reuse an existing patch of its own kind).
     """
     outer = []
     current = options.get(OVERRIDE)

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
@@ -39,9 +39,9 @@ from ..core.layers import DiTLayout, LayerId, image_token_count
 from ..core.spatial import (CLIP_TOKENS, LATE_FRACTION, PHI, RELATIONS, LayerMaps, SpatialSettings, attention_with_maps,
                             find_subsequence, flow_guided_denoised, guidance_layers, guidance_loss, guided_denoised,
                             image_text_probabilities, joint_guidance_blocks, joint_guidance_loss, parse_relation)
-from .blend import BLOCK_LAYER, stamp_blocks
+from .blend import BLOCK_LAYER, DUAL_TEXT_PASS, SECOND_PASS, stamp_blocks
 from .common import (CATEGORY, HIDDEN, OVERRIDE, SECOND_CONTEXT, SECOND_TOKENS, checked_label, current_sigma,
-                     existing_replace, model_layout, plain_attention, search_aliases, sigma_range)
+                     existing_replace, model_layout, plain_attention, search_aliases, set_override, sigma_range)
 
 SPATIAL_GUIDANCE = "MultiCond_SpatialGuidance"
 WRAPPER_KEY = "multicond.spatial_guidance"
@@ -139,12 +139,11 @@ class JointMapRecorder:
     comes first in both (dit.md §1.4); SD3 q/k are `[B, L, H*D]`, Flux's `[B, H, L, D]` after RoPE."""
 
     inner: Any = None
-    keeps_outside: ClassVar[bool] = True  # it reads each call's whole sequence: patches applied later go inside
 
     def __call__(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options") or {}
         record = options.get(RECORD)
-        if not isinstance(record, JointRecord):
+        if not isinstance(record, JointRecord) or options.get(DUAL_TEXT_PASS) == SECOND_PASS:
             return self._attend(func, *args, **kwargs)
         layer = options.get(BLOCK_LAYER)
         q, k = args[0], args[1]
@@ -367,8 +366,9 @@ def install_joint(patched: Any, layout: DiTLayout, settings: SpatialSettings, to
     early, late = joint_guidance_blocks(layout.double if flux else layout.joint)
     switch = float(patched.get_model_object("model_sampling").percent_to_sigma(1.0 - LATE_FRACTION))
     options = patched.model_options.setdefault("transformer_options", {})
-    current = options.get(OVERRIDE)
-    options[OVERRIDE] = JointMapRecorder(current.inner if isinstance(current, JointMapRecorder) else current)
+    # Inside a Cross-Attention Blend: the maps are the positive's pass, its image queries over its own text.
+    set_override(options, lambda current: JointMapRecorder(current.inner if isinstance(current, JointMapRecorder)
+                                                           else current))
     stamp_blocks(patched, layout)
     slots = patched.model_options["transformer_options"]["patches_replace"]["dit"]  # stamping copied the options
     for layer in layout.layers:

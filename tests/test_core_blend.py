@@ -289,3 +289,7 @@ def test_the_second_pass_can_skip_rows_that_do_not_blend():
     torch.testing.assert_close(narrow[1], full[1], rtol=0, atol=1e-6)
     assert torch.equal(narrow[0, 5:], full[0, 5:]) and torch.equal(narrow[0, :3], full[0, :3])
     assert torch.equal(narrow[0, 3:5], torch.zeros(2, 8))
+    calls.clear()
+    none = dual_text_joint_attention(attend, 11, *spans, torch.ones(1, 6, 1), second_rows=[])
+    assert calls == [None]
+    assert torch.equal(none[0], narrow[0])  # a call of uncond rows only: the first pass, no second

@@ -259,3 +259,31 @@ def test_flux_guidance_moves_the_sample_and_weight_0_does_not(flux_loaded, cfg):
     assert not getattr(comfy.model_management, "in_training", False)  # the host's switch is back as it was
     still, positive = guided(model, clip, weight=0.0)
     assert torch.equal(run(still, positive, negative, cfg=cfg), plain)
+
+
+@pytest.mark.parametrize("order", ["blend after guidance", "guidance after blend"])
+def test_guidance_beside_the_cross_attention_blend(loaded, order):
+    """Both read every joint attention (the map recorder stays outermost, the blend below it): with a ones mask the
+    blend is the positive alone, so the guided run equals guidance alone; a soft profile moves it."""
+    from multicond.nodes.blend import CrossAttnBlend
+
+    model, clip, negative = loaded
+    second = clip.encode_from_tokens_scheduled(clip.tokenize("a red bird"))
+
+    def both(mask=None):
+        profile = dict(profile="mask" if mask is not None else "sigmoid", direction="left to right", angle=0.0,
+                       center=0.5, sharpness=30.0, ramp_width=1.0, mask=mask)
+        if order == "blend after guidance":
+            patched, positive = guided(model, clip, weight=50000.0)
+            return CrossAttnBlend.execute(patched, second, **profile).args[0], positive
+        blended = CrossAttnBlend.execute(model, second, **profile).args[0]
+        return guided(blended, clip, weight=50000.0)
+
+    alone, positive = guided(model, clip, weight=50000.0)
+    expected = run(alone, positive, negative)
+    ones, positive = both(torch.ones(HEIGHT, WIDTH))
+    torch.testing.assert_close(run(ones, positive, negative), expected, rtol=0,
+                               atol=1e-5 * 4 * 3 * float(expected.abs().max()))
+    soft, positive = both()
+    assert (run(soft, positive, negative) - expected).abs().max() > 1e-4
+    assert (expected - run(model, positive, negative)).abs().max() > 1e-4  # the guidance acts at all
