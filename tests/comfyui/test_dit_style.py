@@ -44,9 +44,10 @@ def adain(model, **inputs):
     return call(AdaINStyle, model=model, **inputs)[0]
 
 
-def style_aligned(model, **inputs):
+def style_aligned(model, share=None, **inputs):
+    """Shared Attention (`share`, default this file's `shared`) then AdaIN Style with the inputs both take."""
     common = {k: v for k, v in inputs.items() if k in ("reference_index", "start_percent", "end_percent", "layers")}
-    return adain(shared(model, **inputs), **common)
+    return adain((share or shared)(model, **inputs), **common)
 
 
 def one_call(model, data: dict, sigma: float = SIGMA, cond_or_uncond: tuple[int, ...] = (0,)) -> torch.Tensor:

@@ -18,7 +18,6 @@ if find_comfyui() is None:
 pytest.importorskip("diffusers", reason="the tiny Flux models come from diffusers: scripts/host_venv.sh installs it")
 
 import comfy.model_base  # noqa: E402
-import comfy.patcher_extension  # noqa: E402
 import torch  # noqa: E402
 
 from multicond.core.diffusers_binding import ALIGNEDGEN_STYLE, FluxPositions, install_style_aligned_flux  # noqa: E402
@@ -30,8 +29,10 @@ from multicond.nodes.common import model_layout, without_pack_patches  # noqa: E
 from multicond.nodes.style import FLUX_BLOCK, FLUX_CALL, OVERRIDE, AdaINStyle, SharedAttention  # noqa: E402
 
 from ..conftest import assert_close_scaled  # noqa: E402
+from . import test_dit_style as dit_style  # noqa: E402
 from . import tiny_dit  # noqa: E402
 from .graph import call  # noqa: E402
+from .test_dit_style import adain, record_chunks  # noqa: E402
 
 VARIANTS = ["dev", "schnell"]
 SIGMA = 0.7
@@ -44,13 +45,8 @@ def shared(model, **inputs):
     return call(SharedAttention, model=model, **{"share_group_norm": False, **inputs})[0]
 
 
-def adain(model, **inputs):
-    return call(AdaINStyle, model=model, **inputs)[0]
-
-
 def style_aligned(model, **inputs):
-    common = {k: v for k, v in inputs.items() if k in ("reference_index", "start_percent", "end_percent", "layers")}
-    return adain(shared(model, **inputs), **common)
+    return dit_style.style_aligned(model, share=shared, **inputs)
 
 
 def one_call(model, data: dict, sigma: float = SIGMA, cond_or_uncond: tuple[int, ...] = (0,)) -> torch.Tensor:
@@ -73,17 +69,6 @@ def changed(a: torch.Tensor, b: torch.Tensor, by: float = 1e-4) -> bool:
 def flux_sample(model, batch: int = 3, cfg: float = CFG, steps: int = STEPS) -> torch.Tensor:
     return tiny_dit.sample(model, batch=batch, cfg=cfg, steps=steps, positive=tiny_dit.flux_conditioning(1),
                            negative=tiny_dit.flux_conditioning(2))
-
-
-def record_chunks(model) -> list[list[int]]:
-    seen: list[list[int]] = []
-
-    def wrapper(executor, *args, **kwargs):
-        seen.append(list(args[5]["cond_or_uncond"]))
-        return executor(*args, **kwargs)
-
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.record", wrapper)
-    return seen
 
 
 @pytest.fixture(params=VARIANTS)
