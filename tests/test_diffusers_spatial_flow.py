@@ -153,6 +153,31 @@ def test_only_the_guided_fraction_runs_with_autograd_and_it_moves_the_image(pipe
     assert seed_guided_steps(28, 0.0, 0.3, 1000.0) == list(range(8)), "the seed's int(28 * 0.3) steps"
 
 
+def test_a_negative_prompt_guides_the_prompt_alone(pipe) -> None:
+    """SD3's CFG negative, Flux's true CFG (a second transformer call per step): one guided pass per guided step, on
+    the prompt's rows, so the first step's loss is the one without the negative (the same noise, the same prompt)."""
+    negative = dict(negative_prompt="blurry", true_cfg_scale=3.0) if is_flux(pipe) else dict(negative_prompt="blurry")
+    grad_calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *args: grad_calls.append(torch.is_grad_enabled()))
+    try:
+        with_negative = sample(pipe, steps=4, end=0.5, **negative)
+    finally:
+        hook.remove()
+    without = sample(pipe, steps=4, end=0.5)
+    assert with_negative.guided_steps == [0, 1] and sum(grad_calls) == 2
+    assert len(grad_calls) == (4 * 2 if is_flux(pipe) else 4) + 2, "Flux: the negative's own call each step"
+    assert with_negative.losses[0] == pytest.approx(without.losses[0], rel=1e-6)
+    assert not torch.equal(with_negative.images, without.images), "the negative reaches the image"
+    unguided = sample(pipe, SpatialSettings(weight=0), steps=4, **negative)
+    own = pipe(prompt=[PROMPT], num_inference_steps=4, guidance_scale=3.5 if is_flux(pipe) else 7.0, height=64,
+               width=64, generator=row_generators(0, 1), output_type="latent", **TEXT,
+               **{key: [value] if key == "negative_prompt" else value for key, value in negative.items()}).images
+    assert torch.equal(unguided.images, own)
+    if not is_flux(pipe):
+        with pytest.raises(ValueError, match="true_cfg_scale is Flux's"):
+            sample(pipe, steps=1, true_cfg_scale=2.0)
+
+
 def test_a_non_square_latent_and_two_images(pipe) -> None:
     result = sample(pipe, steps=4, height=64, width=96, images=2, end=0.5)
     assert result.guided_steps == [0, 1] and len(result.centroids_a) == 2 and len(result.losses[0]) == 2

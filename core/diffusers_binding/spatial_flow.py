@@ -8,14 +8,16 @@ encoding, schedule, CFG and decoding) with three hooks. A forward pre-hook on th
 the text keys (`core.spatial.image_text_probabilities`): SD3's CLIP part of the text (its first 77 tokens, image
 tokens first in diffusers), Flux's T5 text (text first, q/k after RoPE). The seed's loss on the block-averaged maps
 (`joint_guidance_loss`) gives g = dL/dx; the pipeline then predicts the velocity of the unmoved latent with its own
-CFG (Flux-dev: no uncond), steps, and a step-end callback moves the result by -s g, s = 30 weight / 1000: the seed's
+CFG (Flux-dev: no uncond rows; a true-CFG negative call, the step's second, is left alone), steps, and a step-end
+callback moves the result by -s g, s = 30 weight / 1000: the seed's
 LATENTS mode x <- x - 30 g followed by its Euler step, which is also what the ComfyUI node's `flow_guided_denoised`
 makes of a denoised prediction. The math is `core.spatial`'s, shared with the node.
 
 Steps are guided by index, as the seed (`int(N start) <= i < int(N end)`); the node's `start_percent`/`end_percent`
-are fractions of the model's σ range, so the two hosts pick the same steps only where those agree. The measured
-blocks are the seed's early set while (N - i) / N > 0.35, else its late set (`joint_guidance_blocks`); on Flux the
-same fractions of its double blocks, as the node.
+are fractions of the model's σ range (ComfyUI's convention), so the two hosts pick the same steps only where those
+agree (28 steps of SD3's shift-3 schedule: the node's end 0.3 guides steps 0-8, σ >= 0.875; the seed's 0-7). The
+measured blocks are the seed's early set while (N - i) / N > 0.35, else its late set (`joint_guidance_blocks`); on
+Flux the same fractions of its double blocks, as the node.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class FlowGuidance:
     final: list[torch.Tensor] = field(default_factory=list)
     losses: list[list[float] | None] = field(default_factory=list)
     busy: bool = False  # inside the guided call: the hooks leave it alone
+    handled: int = -1  # the step whose first transformer call ran the hooks
 
     def blocks(self, step: int) -> tuple[int, ...]:
         """The seed's early blocks while (N - i) / N > 0.35, then its late ones."""
@@ -227,8 +230,10 @@ class FlowGuidance:
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
     def before(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.busy:
+        # A Flux true-CFG step calls the transformer again with the negative prompt: only the first call is the cond's.
+        if self.busy or self.handled == self.step:
             return
+        self.handled = self.step
         rows = self.cond_rows(kwargs["hidden_states"].shape[0])
         self.grid = self.token_grid(kwargs)
         last = self.step == self.steps - 1
@@ -296,11 +301,15 @@ def generate_spatial_flow(pipe: DiffusionPipeline, prompt: str, object_a: str, r
                           guidance_scale: float | None = None, seed: int = 0, images: int = 1,
                           height: int | None = None, width: int | None = None, start: float = 0.0,
                           end: float = SEED_END, max_sequence_length: int | None = None,
+                          negative_prompt: str | None = None, true_cfg_scale: float = 1.0,
                           output_type: str = "pil") -> SpatialResult:
     """`images` images of `prompt` on an SD3/SD3.5 or Flux pipeline with `object_a` `relation` `object_b` guided by
     the seed's InfSplign (see the module's text); the same kind of result as the UNet `generate_spatial`.
 
-    `guidance_scale` None is the family's: SD3 CFG 7 (the seed's), Flux-dev its distilled guidance 3.5. Steps i with
+    `guidance_scale` None is the family's: SD3 CFG 7 (the seed's), Flux-dev its distilled guidance 3.5.
+    `negative_prompt` is SD3's CFG negative (default empty) or, with `true_cfg_scale` > 1, Flux's true-CFG negative
+    (a second transformer call per step, left unguided: the gradient is the prompt's, as the seed's cond rows). Steps i
+    with
     int(N start) <= i < int(N end) are guided (the seed's first 30 %); `settings.weight` 0 guides none and is the
     pipeline's own sampling from the same noise, exactly. Image i starts from the noise of `seed + i`. The
     transformer's processors are restored afterwards, also on an error.
@@ -309,6 +318,9 @@ def generate_spatial_flow(pipe: DiffusionPipeline, prompt: str, object_a: str, r
     if family is None:
         raise TypeError(f"generate_spatial_flow needs an SD3/SD3.5 or Flux pipeline, got {type(pipe).__name__}")
     flux = family == "flux"
+    if true_cfg_scale != 1.0 and not flux:
+        raise ValueError(f"true_cfg_scale is Flux's true CFG; SD3 takes its CFG scale as guidance_scale, got "
+                         f"true_cfg_scale={true_cfg_scale}")
     settings = checked_run(settings, relation, steps, images, start, end)
     height, width = height or default_flow_size(pipe), width or default_flow_size(pipe)
     check_flow_size(pipe, height, width)
@@ -317,6 +329,10 @@ def generate_spatial_flow(pipe: DiffusionPipeline, prompt: str, object_a: str, r
     tokens_b = flow_object_tokens(pipe, prompt, object_b, exclude=tokens_a, max_sequence_length=max_sequence_length)
     transformer = pipe.transformer
     text = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    if negative_prompt is not None:
+        text["negative_prompt"] = [negative_prompt] * images
+    if flux:
+        text["true_cfg_scale"] = true_cfg_scale
     with install_flow_spatial_maps(transformer, flux) as handle:
         guidance = FlowGuidance(pipe, handle, tokens_a, tokens_b, settings, steps,
                                 set(seed_guided_steps(steps, start, end, settings.weight)), flux,
