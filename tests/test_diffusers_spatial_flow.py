@@ -178,6 +178,17 @@ def test_a_negative_prompt_guides_the_prompt_alone(pipe) -> None:
             sample(pipe, steps=1, true_cfg_scale=2.0)
 
 
+def test_chosen_blocks_are_the_ones_measured(pipe) -> None:
+    """`blocks` (early, late) replaces the seed's choice: the final loss is the one of the chosen block's maps."""
+    seed_choice = sample(pipe, SpatialSettings(weight=0), steps=2)
+    chosen = sample(pipe, SpatialSettings(weight=0), steps=2, blocks=([1], [1]))
+    assert seed_choice.losses[1] != pytest.approx(chosen.losses[1], rel=1e-3), "tiny models: the seed measures block 0"
+    assert torch.equal(seed_choice.images, chosen.images)
+    for blocks in (([2], [0]), ([], [0]), ([0],)):
+        with pytest.raises(ValueError, match=r"blocks must be two non-empty lists of (double|joint) block numbers in 0..1"):
+            sample(pipe, steps=1, blocks=blocks)
+
+
 def test_a_non_square_latent_and_two_images(pipe) -> None:
     result = sample(pipe, steps=4, height=64, width=96, images=2, end=0.5)
     assert result.guided_steps == [0, 1] and len(result.centroids_a) == 2 and len(result.losses[0]) == 2

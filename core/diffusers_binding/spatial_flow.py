@@ -150,12 +150,22 @@ class FlowSpatialHandle(ProcessorHandle):
     late: tuple[int, ...] = ()
 
 
-def install_flow_spatial_maps(transformer: torch.nn.Module, flux: bool) -> FlowSpatialHandle:
-    """A `FlowMapProcessor` on every joint (Flux: double) block the seed may measure, and the detaching hooks."""
+def install_flow_spatial_maps(transformer: torch.nn.Module, flux: bool,
+                              blocks: tuple[Sequence[int], Sequence[int]] | None = None) -> FlowSpatialHandle:
+    """A `FlowMapProcessor` on every joint (Flux: double) block the guidance may measure, and the detaching hooks.
+
+    `blocks` (early, late): the measured blocks before and after 65 % of the steps; None: the seed's
+    (`joint_guidance_blocks`)."""
     layout = flux_layout(transformer) if flux else dit_layout(transformer)
     if any(isinstance(p, FlowMapProcessor) for p in transformer.attn_processors.values()):
         raise RuntimeError("spatial map processors are already installed on this transformer; remove() their handle")
-    early, late = joint_guidance_blocks(layout.double if flux else layout.joint)
+    depth = layout.double if flux else layout.joint
+    early, late = joint_guidance_blocks(depth) if blocks is None else (tuple(blocks[0]), tuple(blocks[-1]))
+    if (blocks is not None and len(blocks) != 2) or not early or not late \
+            or not all(0 <= number < depth for number in (*early, *late)):
+        kind = "double" if flux else "joint"
+        raise ValueError(f"blocks must be two non-empty lists of {kind} block numbers in 0..{depth - 1} (early, late), "
+                         f"got {blocks}")
     recorder = FlowMaps()
     handle = FlowSpatialHandle(transformer, recorder=recorder, early=early, late=late)
     for number in sorted({*early, *late}):
@@ -302,14 +312,15 @@ def generate_spatial_flow(pipe: DiffusionPipeline, prompt: str, object_a: str, r
                           height: int | None = None, width: int | None = None, start: float = 0.0,
                           end: float = SEED_END, max_sequence_length: int | None = None,
                           negative_prompt: str | None = None, true_cfg_scale: float = 1.0,
+                          blocks: tuple[Sequence[int], Sequence[int]] | None = None,
                           output_type: str = "pil") -> SpatialResult:
     """`images` images of `prompt` on an SD3/SD3.5 or Flux pipeline with `object_a` `relation` `object_b` guided by
     the seed's InfSplign (see the module's text); the same kind of result as the UNet `generate_spatial`.
 
     `guidance_scale` None is the family's: SD3 CFG 7 (the seed's), Flux-dev its distilled guidance 3.5.
     `negative_prompt` is SD3's CFG negative (default empty) or, with `true_cfg_scale` > 1, Flux's true-CFG negative
-    (a second transformer call per step, left unguided: the gradient is the prompt's, as the seed's cond rows). Steps i
-    with
+    (a second transformer call per step, left unguided: the gradient is the prompt's, as the seed's cond rows).
+    `blocks` (early, late) replaces the measured blocks (`install_flow_spatial_maps`). Steps i with
     int(N start) <= i < int(N end) are guided (the seed's first 30 %); `settings.weight` 0 guides none and is the
     pipeline's own sampling from the same noise, exactly. Image i starts from the noise of `seed + i`. The
     transformer's processors are restored afterwards, also on an error.
@@ -333,7 +344,7 @@ def generate_spatial_flow(pipe: DiffusionPipeline, prompt: str, object_a: str, r
         text["negative_prompt"] = [negative_prompt] * images
     if flux:
         text["true_cfg_scale"] = true_cfg_scale
-    with install_flow_spatial_maps(transformer, flux) as handle:
+    with install_flow_spatial_maps(transformer, flux, blocks) as handle:
         guidance = FlowGuidance(pipe, handle, tokens_a, tokens_b, settings, steps,
                                 set(seed_guided_steps(steps, start, end, settings.weight)), flux,
                                 losses=[None] * steps)

@@ -79,9 +79,12 @@ def tiny_flux_config(variant: FluxVariant = "dev") -> dict:
                 guidance_embeds=variant == "dev", axes_dims_rope=(8, 12, 12))
 
 
-def tiny_flux_transformer(variant: FluxVariant = "dev", seed: int = 0) -> FluxTransformer2DModel:
-    """A tiny `FluxTransformer2DModel` with deterministic random weights, in eval mode."""
-    return _randomized(FluxTransformer2DModel(**tiny_flux_config(variant)), seed)
+def tiny_flux_transformer(variant: FluxVariant = "dev", seed: int = 0, double: int = 2,
+                          single: int = 2) -> FluxTransformer2DModel:
+    """A tiny `FluxTransformer2DModel` with `double` and `single` blocks and deterministic random weights, in eval
+    mode."""
+    config = {**tiny_flux_config(variant), "num_layers": double, "num_single_layers": single}
+    return _randomized(FluxTransformer2DModel(**config), seed)
 
 
 def flux_image_ids(rows: int, columns: int) -> torch.Tensor:
