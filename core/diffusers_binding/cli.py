@@ -458,19 +458,17 @@ def _style_aligned_flow(ns: argparse.Namespace, pipe: DiffusionPipeline,
 def _flow_layers(pipe: DiffusionPipeline, blocks: str | None, args: StyleAlignedArgs | None) -> tuple[Any, int]:
     """The attention layers that share, and how many the transformer has: --blocks parsed against its own layout
     (SD3 joint blocks; Flux double and single blocks), else the family's default."""
-    from ..layers import select_blocks, select_evenly_spaced
+    from ..layers import select_blocks
     from .flow_pipeline import flow_family
-    from .joint_style import dit_layout
-    from .joint_style_flux import ALIGNEDGEN_BLOCKS, flux_layout
+    from .joint_style import default_dit_layers, dit_layout
+    from .joint_style_flux import default_flux_layers, flux_layout
 
     flux = flow_family(pipe) == "flux"
     layout = flux_layout(pipe.transformer) if flux else dit_layout(pipe.transformer)
     if blocks is not None:
         chosen = select_blocks(layout, blocks, "style-aligned", "--blocks")
-    elif flux:
-        chosen = select_blocks(layout, ALIGNEDGEN_BLOCKS)
     else:
-        chosen = select_evenly_spaced(layout, args.only_self_level if args is not None else 0.0)
+        chosen = default_flux_layers(layout) if flux else default_dit_layers(layout, args)
     return chosen, len(layout.layers)
 
 

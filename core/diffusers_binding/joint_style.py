@@ -163,6 +163,14 @@ class JointStyleHandle(ProcessorHandle):
         return self.model
 
 
+def default_dit_layers(layout: DiTLayout, args: StyleAlignedArgs | JointStyle | None) -> LayerSelection:
+    """The joint layers that share when no `layers` are given: the original's `only_self_level` rule for its
+    `StyleAlignedArgs` (None: level 0), every joint layer for a `JointStyle`."""
+    if isinstance(args, JointStyle):
+        return select_all(layout)
+    return select_evenly_spaced(layout, args.only_self_level if args is not None else 0.0)
+
+
 def install_style_aligned_dit(transformer_or_pipeline: Any, args: StyleAlignedArgs | JointStyle = StyleAlignedArgs(),
                               reference_index: int = 0, layers: LayerSelection | None = None,
                               isolate_reference: bool | None = None, chunks: int = CFG_CHUNKS) -> JointStyleHandle:
@@ -182,10 +190,9 @@ def install_style_aligned_dit(transformer_or_pipeline: Any, args: StyleAlignedAr
     layout = dit_layout(transformer)
     if isinstance(args, StyleAlignedArgs):
         style = JointStyle(args.adain, args.share, True if isolate_reference is None else isolate_reference)
-        chosen = layers if layers is not None else select_evenly_spaced(layout, args.only_self_level)
     else:
         style = args if isolate_reference is None else replace(args, isolate_reference=isolate_reference)
-        chosen = layers if layers is not None else select_all(layout)
+    chosen = layers if layers is not None else default_dit_layers(layout, args)
     chosen.check(layout, "install_style_aligned_dit")
     clock = FlowClock() if chosen.per_timestep else None
     handle = install_processors(transformer, {

@@ -212,6 +212,11 @@ class FluxStyleProcessor(JointStyleProcessor):
         return rotated(k[:, image[0]:image[1]], table, heads)
 
 
+def default_flux_layers(layout: DiTLayout) -> LayerSelection:
+    """The layers that share when no `layers` are given: AlignedGen's single-stream blocks."""
+    return select_blocks(layout, ALIGNEDGEN_BLOCKS)
+
+
 def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedArgs | JointStyle = ALIGNEDGEN_STYLE,
                                reference_index: int = 0, layers: LayerSelection | None = None,
                                isolate_reference: bool | None = None, chunks: int = FLUX_CHUNKS,
@@ -235,7 +240,7 @@ def install_style_aligned_flux(transformer_or_pipeline: Any, args: StyleAlignedA
         style = JointStyle(args.adain, args.share, True if isolate_reference is None else isolate_reference)
     else:
         style = args if isolate_reference is None else replace(args, isolate_reference=isolate_reference)
-    chosen = layers if layers is not None else select_blocks(layout, ALIGNEDGEN_BLOCKS)
+    chosen = layers if layers is not None else default_flux_layers(layout)
     chosen.check(layout, "install_style_aligned_flux")
     call = FluxCall(positions)
     handle = install_processors(transformer, {
