@@ -130,6 +130,24 @@ def test_the_gradient_reaches_the_latent_as_finite_differences_say(pipe) -> None
 # ---------------------------------------------------------------- sampling
 
 
+def test_the_guided_pass_runs_no_block_after_the_measured_ones(pipe) -> None:
+    """The pipeline's own call predicts; the guided pass stops before the first block after the last measured one."""
+    transformer, call = pipe.transformer, inputs(pipe)
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    ran: list[int] = []
+    hooks = [block.register_forward_hook(lambda *args, number=number: ran.append(number))  # after a block has run
+             for number, block in enumerate(blocks)]
+    try:
+        with install_flow_spatial_maps(transformer, is_flux(pipe), blocks=([0], [0])) as handle:
+            guidance = guidance_for(pipe, handle)
+            guidance.grid = guidance.token_grid(call)
+            guidance.guide(transformer, call, slice(None))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [0] and guidance.move.abs().amax() > 0
+
+
 def test_weight_zero_is_the_pipelines_own_sampling_exactly(pipe) -> None:
     result = sample(pipe, SpatialSettings(weight=0))
     assert result.guided_steps == [] and torch.equal(result.images, plain(pipe))

@@ -3,8 +3,9 @@
 
 `generate_spatial_flow(pipe, prompt, object_a, relation, object_b)` runs the pipeline's own `__call__` (its prompt
 encoding, schedule, CFG and decoding) with three hooks. A forward pre-hook on the transformer, at a guided step
-(the first 30 % of the steps by default, as the seed), runs the conditional rows once more with autograd while
-`FlowMapProcessor`s on the measured joint blocks record the head-averaged joint softmax of the image queries over
+(the first 30 % of the steps by default, as the seed), runs the conditional rows once more with autograd, up to
+the last measured block only (the seed runs the whole model and reuses its prediction; here the pipeline's own call
+predicts, so the rest would be wasted), while `FlowMapProcessor`s on the measured joint blocks record the head-averaged joint softmax of the image queries over
 the text keys (`core.spatial.image_text_probabilities`): SD3's CLIP part of the text (its first 77 tokens, image
 tokens first in diffusers), Flux's T5 text (text first, q/k after RoPE). The seed's loss on the block-averaged maps
 (`joint_guidance_loss`) gives g = dL/dx; the pipeline then predicts the velocity of the unmoved latent with its own
@@ -116,29 +117,24 @@ class FlowMapProcessor:
         return image_text_probabilities(_heads_first(q, heads), _heads_first(k, heads), image, columns)
 
 
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detached(item) for item in value)
-    return value
+class MapsRecorded(Exception):
+    """Raised before the first block after the last measured one in a guided pass: the loss needs nothing later."""
 
 
 @dataclass
-class DetachAfter:
-    """Pre-hook of a block: while a guided call records, blocks after the last measured one run without a graph
-    (the loss reads earlier blocks only)."""
+class StopAfter:
+    """Pre-hook of a block: a guided pass (recording with autograd) ends before it when it follows the last measured
+    block, so the pass costs the blocks up to that one, not the whole transformer (the pipeline's own call predicts)."""
 
     recorder: FlowMaps
     number: int | None  # None: a Flux single block, always after the double blocks
 
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         recorder = self.recorder
         if recorder.rows is None or not torch.is_grad_enabled() or not recorder.blocks:
-            return None
-        if self.number is not None and self.number <= max(recorder.blocks):
-            return None
-        return _detached(args), {key: _detached(value) for key, value in kwargs.items()}
+            return
+        if self.number is None or self.number > max(recorder.blocks):
+            raise MapsRecorded
 
 
 @dataclass
@@ -152,7 +148,7 @@ class FlowSpatialHandle(ProcessorHandle):
 
 def install_flow_spatial_maps(transformer: torch.nn.Module, flux: bool,
                               blocks: tuple[Sequence[int], Sequence[int]] | None = None) -> FlowSpatialHandle:
-    """A `FlowMapProcessor` on every joint (Flux: double) block the guidance may measure, and the detaching hooks.
+    """A `FlowMapProcessor` on every joint (Flux: double) block the guidance may measure, and the stopping hooks.
 
     `blocks` (early, late): the measured blocks before and after 65 % of the steps; None: the seed's
     (`joint_guidance_blocks`)."""
@@ -175,7 +171,7 @@ def install_flow_spatial_maps(transformer: torch.nn.Module, flux: bool,
         module.set_processor(FlowMapProcessor(recorder, number, flux, module.processor))
     blocks = [(number, block) for number, block in enumerate(transformer.transformer_blocks)]
     blocks += [(None, block) for block in getattr(transformer, "single_transformer_blocks", [])]
-    handle.hooks += [block.register_forward_pre_hook(DetachAfter(recorder, number).hook, with_kwargs=True)
+    handle.hooks += [block.register_forward_pre_hook(StopAfter(recorder, number).hook, with_kwargs=True)
                      for number, block in blocks]
     return handle
 
@@ -277,7 +273,10 @@ class FlowGuidance:
         try:
             with frozen_weights(transformer), torch.enable_grad(), \
                     self.handle.recorder.recording(self.blocks(self.step), slice(None)) as maps:
-                transformer(**{**cond, "hidden_states": x})
+                try:
+                    transformer(**{**cond, "hidden_states": x})
+                except MapsRecorded:
+                    pass
                 loss = self.loss(maps)
                 (gradient,) = torch.autograd.grad(loss.sum() * scale, x)  # each image's own loss: a sum over images
         finally:
