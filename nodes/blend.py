@@ -27,8 +27,8 @@ from ..core.blend import (CROSS_ATTENTION_SHARPNESS, DIRECTIONS, EPSILON_SHARPNE
 from ..core.errors import InputError
 from ..core.layers import DiTLayout, LayerId, LayerSelection
 from .common import (CATEGORY, HIDDEN, LAYERS_TYPE, OVERRIDE, SECOND_CONTEXT, SECOND_TOKENS, checked_label,
-                     current_sigma, existing_replace, model_layout, plain_attention, search_aliases, selection_allows,
-                     set_override)
+                     current_sigma, existing_replace, model_layout, plain_attention, restored_override, search_aliases,
+                     selection_allows, set_override)
 from .style import BLOCK_TOKENS, FLUX_BLOCK, FLUX_CALL
 
 EPSILON_BLEND = "MultiCond_EpsilonBlend"
@@ -566,9 +566,8 @@ def install_dual_text(model: Any, layout: DiTLayout, context: torch.Tensor, weig
                       layers: LayerSelection | None) -> Any:
     """A clone of an SD3/SD3.5 or Flux.1 `model` with the joint-attention text blend: the override and the wrapper."""
     patched = model.clone()
-    options = patched.model_options.setdefault("transformer_options", {})
-    without_text_blend(options)
-    set_override(options, lambda current: DualTextPatch(weights, layout, layers, current))
+    without_text_blend(restored_override(patched))
+    set_override(patched, lambda current: DualTextPatch(weights, layout, layers, current))
     if layers is not None:
         stamp_blocks(patched, layout)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTEXT_WRAPPER_KEY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import comfy.model_base
 import comfy.supported_models as supported
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+from comfy.patcher_extension import WrappersMP
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
@@ -182,21 +184,24 @@ WRAPPER_PREFIX = "multicond."  # every wrapper key of the pack starts with it
 
 
 OVERRIDE = "optimized_attention_override"  # ComfyUI's one attention-override slot in transformer_options (dit.md §2.1)
+OVERRIDE_GUARD_KEY = f"{WRAPPER_PREFIX}override_guard"
 
 
 def is_pack_patch(patch: Any) -> bool:
     return type(patch).__module__.split(".")[0] == PACK
 
 
-def set_override(options: dict, build: Callable[[Any], Any]) -> None:
-    """Install `build(current)` as the attention override below the pack's patches that stay outermost.
+def set_override(patched: Any, build: Callable[[Any], Any]) -> None:
+    """Install `build(current)` as the attention override of `patched` below the pack's patches that stay outermost,
+    and the `OverrideGuard` that keeps it on top of an override a later node sets.
 
     Those (`keeps_outside`: the DiT text blend) must see each model call's whole sequence and hand narrowed calls
     down, so a node applied after them goes inside them; their order is kept. `build` receives what is below them
     (it may reuse an existing patch of its own kind).
     """
-    outer = []
+    options = restored_override(patched)
     current = options.get(OVERRIDE)
+    outer = []
     while current is not None and getattr(current, "keeps_outside", False):
         outer.append(current)
         current = current.inner
@@ -204,6 +209,64 @@ def set_override(options: dict, build: Callable[[Any], Any]) -> None:
     for wrapper in reversed(outer):
         patch = dataclasses.replace(wrapper, inner=patch)
     options[OVERRIDE] = patch
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, OVERRIDE_GUARD_KEY)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, OVERRIDE_GUARD_KEY, OverrideGuard(patch))
+
+
+def restored_override(patched: Any) -> dict:
+    """`patched`'s transformer_options, with the pack's last override chain put back on top of the override when a
+    node applied since replaced it (see `OverrideGuard`)."""
+    options = patched.model_options.setdefault("transformer_options", {})
+    guards = patched.get_wrappers(WrappersMP.APPLY_MODEL, OVERRIDE_GUARD_KEY)
+    if guards and not reaches_pack_patch(options.get(OVERRIDE)):
+        options[OVERRIDE] = rebased(guards[-1].chain, options.get(OVERRIDE))
+    return options
+
+
+def reaches_pack_patch(caller: Any, depth: int = 6) -> bool:
+    """Whether `caller` is or may call one of the pack's patches: as the pack's `inner`, in a closure cell, as a bound
+    method's object or in a `functools.partial` (how attention overrides wrap the one they found). By kind, not
+    identity: ComfyUI 0.3.64 deep-copies model_options on every clone."""
+    if caller is None or depth < 0:
+        return False
+    if is_pack_patch(caller):
+        return True
+    held = [getattr(caller, "inner", None), getattr(caller, "__self__", None), getattr(caller, "func", None),
+            *(caller.args if isinstance(caller, functools.partial) else ()),
+            *(cell.cell_contents for cell in getattr(caller, "__closure__", None) or () if _filled(cell))]
+    return any(reaches_pack_patch(item, depth - 1) for item in held if item is not None)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def rebased(patch: Any, base: Any) -> Any:
+    """The pack's patches of an override chain over `base` instead of what they wrapped."""
+    if patch is None or not is_pack_patch(patch):
+        return base
+    return dataclasses.replace(patch, inner=rebased(patch.inner, base))
+
+
+@dataclasses.dataclass(frozen=True)
+class OverrideGuard:
+    """APPLY_MODEL wrapper: ComfyUI has one attention-override slot, and a node applied after the pack's DiT nodes may
+    set its own there (0.33.0's Model Attention Backend does), which would silently drop theirs. When the override a
+    call gets reaches none of the pack's patches, the pack's last chain runs on top of it, as if that node had come
+    first."""
+
+    chain: Any  # the override the pack's last DiT node installed
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
+                 transformer_options: dict, **kwargs: Any) -> torch.Tensor:
+        current = transformer_options.get(OVERRIDE)
+        if not reaches_pack_patch(current):
+            transformer_options = {**transformer_options, OVERRIDE: rebased(self.chain, current)}
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def first_foreign(patch: Any) -> Any:

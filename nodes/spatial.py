@@ -365,9 +365,8 @@ def install_joint(patched: Any, layout: DiTLayout, settings: SpatialSettings, to
     flux = layout.architecture == "flux"
     early, late = joint_guidance_blocks(layout.double if flux else layout.joint)
     switch = float(patched.get_model_object("model_sampling").percent_to_sigma(1.0 - LATE_FRACTION))
-    options = patched.model_options.setdefault("transformer_options", {})
     # Inside a Cross-Attention Blend: the maps are the positive's pass, its image queries over its own text.
-    set_override(options, lambda current: JointMapRecorder(current.inner if isinstance(current, JointMapRecorder)
+    set_override(patched, lambda current: JointMapRecorder(current.inner if isinstance(current, JointMapRecorder)
                                                            else current))
     stamp_blocks(patched, layout)
     slots = patched.model_options["transformer_options"]["patches_replace"]["dit"]  # stamping copied the options

@@ -279,7 +279,7 @@ def install_joint_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, 
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
     staged = replace(stage, selection=selection, flow=True)
-    set_override(options, lambda current: (current if isinstance(current, JointStylePatch)
+    set_override(patched, lambda current: (current if isinstance(current, JointStylePatch)
                                            else JointStylePatch(layout, inner=current)).with_stage(kind, staged))
     slots = options.get("patches_replace", {}).get("dit", {})
     for layer in layout.layers:
@@ -544,7 +544,7 @@ def install_flux_stage(model: Any, kind: str, stage: Stage, layout: DiTLayout, s
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
     staged = replace(stage, selection=selection, flow=True)
-    set_override(options, lambda current: (current if isinstance(current, FluxStylePatch)
+    set_override(patched, lambda current: (current if isinstance(current, FluxStylePatch)
                                            else FluxStylePatch(layout, inner=current)).with_stage(kind, staged))
     slots = options.get("patches_replace", {}).get("dit", {})
     acting = selected_layers(selection)

@@ -17,13 +17,14 @@ pytest.importorskip("diffusers", reason="the tiny DiTs come from diffusers: scri
 
 import comfy.model_management  # noqa: E402
 import comfy.samplers  # noqa: E402
+from comfy.patcher_extension import WrappersMP  # noqa: E402
 import torch  # noqa: E402
 
 import multicond.nodes.spatial as spatial_module  # noqa: E402
 from multicond.core.errors import InputError  # noqa: E402
 from multicond.core.spatial import CLIP_TOKENS, SpatialSettings  # noqa: E402
 from multicond.nodes.blend import BLOCK_LAYER, LayerStamp  # noqa: E402
-from multicond.nodes.common import OVERRIDE, model_layout  # noqa: E402
+from multicond.nodes.common import OVERRIDE, OVERRIDE_GUARD_KEY, model_layout  # noqa: E402
 from multicond.nodes.spatial import (FROM_PROMPT, RECORD, DetachedTail, JointMapRecorder, JointRecord,  # noqa: E402
                                      SpatialGuidance, install_joint, object_positions)
 
@@ -190,8 +191,9 @@ def test_errors_name_the_node_and_input(loaded):
     short = tiny_dit.conditioning(1, tokens=4)  # a positive of 4 tokens: 'cat' and 'dog' lie past its text
     with pytest.raises(InputError, match="MultiCond_SpatialGuidance: input 'text'.*past the 4 text tokens"):
         run(patched, short, negative)
-    replaced = patched.clone()  # another node's override, set after this one without keeping it
+    replaced = patched.clone()  # another node's override, set after this one without keeping it, and no guard left
     replaced.model_options["transformer_options"][OVERRIDE] = lambda func, *args, **kwargs: func(*args, **kwargs)
+    replaced.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, OVERRIDE_GUARD_KEY)
     with pytest.raises(InputError, match="MultiCond_SpatialGuidance: input 'model'.*no joint-attention maps"):
         run(replaced, tiny_dit.conditioning(1, tokens=CLIP_TOKENS), negative)
 
@@ -287,3 +289,20 @@ def test_guidance_beside_the_cross_attention_blend(loaded, order):
     soft, positive = both()
     assert (run(soft, positive, negative) - expected).abs().max() > 1e-4
     assert (expected - run(model, positive, negative)).abs().max() > 1e-4  # the guidance acts at all
+
+
+@pytest.mark.parametrize("kind", ["sd35", "flux"])
+def test_an_override_set_after_the_guidance_runs_below_it(loaded, flux_loaded, kind):
+    """A node after Spatial Guidance that sets its own attention override (as 0.33.0's Model Attention Backend does)
+    goes beneath the map recorder at sampling: the guided run is the same, and the newcomer's attention runs."""
+    from .test_override_after_pack import backend
+
+    model, clip, negative = flux_loaded if kind == "flux" else loaded
+    patched, positive = guided(model, clip, weight=50000.0)
+    newcomer, calls = backend()
+    after = patched.clone()
+    after.model_options["transformer_options"][OVERRIDE] = newcomer
+    expected = run(patched, positive, negative)
+    torch.testing.assert_close(run(after, positive, negative), expected, rtol=0,
+                               atol=1e-5 * 4 * 3 * float(expected.abs().max()))
+    assert calls and (expected - run(model, positive, negative)).abs().max() > 1e-4
