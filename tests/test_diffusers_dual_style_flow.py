@@ -176,3 +176,30 @@ def test_the_cross_attention_blend_restores_and_refuses(pipe) -> None:
         with install_style_aligned_dit(pipe):
             with pytest.raises(RuntimeError, match="StyleAligned"):
                 install_flow_cross_attention_blend(pipe, SECOND, **TEXT)
+
+
+def test_under_sd3_cfg_the_second_pass_runs_on_the_cond_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[uncond, cond] halves: the uncond rows (weight 1) are the plain call's, the cond rows the blend of a call of
+    cond rows alone, and no second-text pass computes an uncond row (the ComfyUI node's `second_rows`)."""
+    import multicond.core.diffusers_binding.dual_style_flow as dual_style_flow
+    from multicond.core.diffusers_binding.tiny_dit import tiny_sd3_inputs
+
+    pipe = tiny_dit_pipeline("sd3")
+    call = tiny_sd3_inputs(4, height=8, width=12, text_tokens=TINY_T5_TOKENS + 77)  # [uncond x2, cond x2]
+    passes: list[int] = []
+    attention = dual_style_flow.sdpa_attention
+    monkeypatch.setattr(dual_style_flow, "sdpa_attention", lambda q, *args: passes.append(q.shape[0]) or
+                        attention(q, *args))
+    with torch.no_grad():
+        plain = pipe.transformer(**call, return_dict=False)[0]
+        with install_flow_cross_attention_blend(pipe, SECOND, **TEXT):
+            pipe._guidance_scale = 4.0  # what __call__ sets: CFG, so the call is [uncond, cond] halves
+            under_cfg = pipe.transformer(**call, return_dict=False)[0]
+            pipe._guidance_scale = 1.0
+            cond_alone = pipe.transformer(**{key: value[2:] if value.ndim and value.shape[0] == 4 else value
+                                             for key, value in call.items()}, return_dict=False)[0]
+    joint = len(pipe.transformer.transformer_blocks)
+    assert passes == [4, 2] * joint + [2, 2] * joint, "the second pass: the two cond rows"
+    assert_close_scaled(under_cfg[:2], plain[:2])
+    assert_close_scaled(under_cfg[2:], cond_alone)
+    assert (under_cfg[2:] - plain[2:]).abs().max() > 1e-4

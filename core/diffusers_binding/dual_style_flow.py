@@ -19,7 +19,7 @@ image share one joint attention: the second prompt's tokens are appended to ever
 attention (SD3's joint blocks; Flux's double and single blocks) the two texts never see each other and the image
 tokens take w·(attention without the second text) + (1 − w)·(attention without the first), per image token
 (`core.blend.dual_text_joint_attention`). The uncond rows, and layers a selection leaves out, take the first
-prompt's pass only (weight 1). The pooled text embedding stays the first prompt's, as on SDXL.
+prompt's pass only (weight 1); the second pass runs on the cond rows alone, as the node's. The pooled text embedding stays the first prompt's, as on SDXL.
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ class FlowCrossAttentionBlend(FlowBlend):
     first_tokens: int = 0
     second_tokens: int | None = None
     row_weight: torch.Tensor | None = None
+    second_rows: list[int] | None = None  # the rows that blend (SD3 under CFG: the cond half); None: all
     clock: FlowClock = field(default_factory=FlowClock)
 
     def before(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -214,6 +215,9 @@ class FlowCrossAttentionBlend(FlowBlend):
         second = self.second_embeds(context, same_length=False)
         self.first_tokens, self.second_tokens = context.shape[1], second.shape[1]
         self.row_weight = self.weight(hidden.shape[0], rows, latent_size(named, self.flux), hidden.device)
+        start, images = rows
+        # The second pass only where it blends: the uncond rows (weight 1) would compute it for nothing.
+        self.second_rows = None if images == hidden.shape[0] else list(range(start, start + images))
         appended = {"encoder_hidden_states": torch.cat([context, second.expand(hidden.shape[0], -1, -1)], dim=1)}
         text_ids = named.get("txt_ids")
         if self.flux and text_ids is not None:  # T5 tokens sit at position 0 on every rotary axis, as the pipeline's
@@ -268,8 +272,12 @@ class DualTextProcessor:
             first = (image_tokens, image_tokens + blend.first_tokens)
             second, image = (first[1], q.shape[1]), (0, image_tokens)
         weight = blend.row_weight if self.blends() else torch.ones_like(blend.row_weight)
-        attend = lambda index, rows: sdpa_attention(q[:, index], k[:, index], v[:, index], heads)  # noqa: E731
-        out = dual_text_joint_attention(attend, q.shape[1], first, second, image, weight, q.device).to(q.dtype)
+        def attend(index: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+            picked = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+            return sdpa_attention(*(x[:, index] for x in picked), heads)
+
+        out = dual_text_joint_attention(attend, q.shape[1], first, second, image, weight, q.device,
+                                        blend.second_rows).to(q.dtype)
         if not blend.flux:
             return sd3_joint_output(attn, out, hidden_states.shape[1])
         if encoder_hidden_states is None:  # a single block: the joint stream goes on as one
