@@ -14,8 +14,8 @@ import comfy.model_base
 import comfy.supported_models as supported
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-from comfy.patcher_extension import WrappersMP
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..core.chunks import ChunkLayout, chunk_layout

@@ -5,12 +5,12 @@
 encoding, schedule, CFG and decoding) with three hooks. A forward pre-hook on the transformer, at a guided step
 (the first 30 % of the steps by default, as the seed), runs the conditional rows once more with autograd, up to
 the last measured block only (the seed runs the whole model and reuses its prediction; here the pipeline's own call
-predicts, so the rest would be wasted), while `FlowMapProcessor`s on the measured joint blocks record the head-averaged joint softmax of the image queries over
-the text keys (`core.spatial.image_text_probabilities`): SD3's CLIP part of the text (its first 77 tokens, image
-tokens first in diffusers), Flux's T5 text (text first, q/k after RoPE). The seed's loss on the block-averaged maps
-(`joint_guidance_loss`) gives g = dL/dx; the pipeline then predicts the velocity of the unmoved latent with its own
-CFG (Flux-dev: no uncond rows; a true-CFG negative call, the step's second, is left alone), steps, and a step-end
-callback moves the result by -s g, s = 30 weight / 1000: the seed's
+predicts, so the rest would be wasted), while `FlowMapProcessor`s on the measured joint blocks record the
+head-averaged joint softmax of the image queries over the text keys (`core.spatial.image_text_probabilities`): SD3's
+CLIP part of the text (its first 77 tokens, image tokens first in diffusers), Flux's T5 text (text first, q/k after
+RoPE). The seed's loss on the block-averaged maps (`joint_guidance_loss`) gives g = dL/dx; the pipeline then predicts
+the velocity of the unmoved latent with its own CFG (Flux-dev: no uncond rows; a true-CFG negative call, the step's
+second, is left alone), steps, and a step-end callback moves the result by -s g, s = 30 weight / 1000: the seed's
 LATENTS mode x <- x - 30 g followed by its Euler step, which is also what the ComfyUI node's `flow_guided_denoised`
 makes of a denoised prediction. The math is `core.spatial`'s, shared with the node.
 
