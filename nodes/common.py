@@ -269,6 +269,16 @@ class OverrideGuard:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
+def effective_override(transformer_options: dict) -> Any:
+    """The attention override a model call's attention will run: the one in `transformer_options`, or, when it
+    reaches none of the pack's patches, what the call's `OverrideGuard` makes of it (for wrappers that run before it)."""
+    current = transformer_options.get(OVERRIDE)
+    guards = transformer_options.get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}).get(OVERRIDE_GUARD_KEY, [])
+    if guards and not reaches_pack_patch(current):
+        return rebased(guards[-1].chain, current)
+    return current
+
+
 def first_foreign(patch: Any) -> Any:
     """What a patch of the pack replaced (every one delegates to its `inner`), down to a foreign patch or None."""
     while patch is not None and is_pack_patch(patch):

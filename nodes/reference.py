@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..core.errors import InputError
 from ..core.inversion import (INVERSION_GUIDANCE, PIN_OFFSET, ddim_invert, ddim_timesteps, flow_inversion_sigmas,
                               flow_invert, nearest_step, pinned_step)
-from .common import (CATEGORY, HIDDEN, OVERRIDE, batch_layout, checked_label, is_pack_patch,
+from .common import (CATEGORY, HIDDEN, batch_layout, checked_label, effective_override, is_pack_patch,
                      search_aliases, without_pack_patches)
 from .style import StylePatch
 
@@ -90,7 +90,7 @@ def style_stages(transformer_options: dict) -> list[Any]:
     """
     slots = transformer_options.get("patches_replace", {}).get("attn1", {}).values()
     patches = [patch for patch in slots if isinstance(patch, StylePatch)]
-    override = transformer_options.get(OVERRIDE)
+    override = effective_override(transformer_options)  # a later node's override may still be put beneath the pack's
     while override is not None and is_pack_patch(override):
         patches.append(override)
         override = getattr(override, "inner", None)

@@ -119,6 +119,26 @@ def test_the_sd3_style_override_is_found_with_its_reference_index():
         tiny_flow.sample(style_aligned(pinned, reference_index=0), steps=1)
 
 
+@pytest.mark.parametrize("order", ["reference after style", "style after reference"])
+def test_an_override_set_after_the_style_and_reference_nodes_keeps_them(order):
+    """A later node's own override (as 0.33.0's Model Attention Backend sets) is put beneath the style override at
+    sampling; the reference check sees that chain too, whether its wrapper runs before the guard's or after."""
+    from .test_override_after_pack import backend
+
+    model = tiny_dit.build()
+    if order == "reference after style":
+        pinned = reference(style_aligned(model, reference_index=1))
+    else:
+        pinned = style_aligned(reference(model), reference_index=1)
+    newcomer, calls = backend()
+    after = pinned.clone()
+    after.model_options["transformer_options"][OVERRIDE] = newcomer
+    expected = tiny_flow.sample(pinned, steps=2)
+    torch.testing.assert_close(tiny_flow.sample(after, steps=2), expected, rtol=0,
+                               atol=1e-5 * float(expected.abs().max()))
+    assert calls
+
+
 def test_a_connected_latent_and_the_vae_are_checked_before_the_inversion_runs(monkeypatch):
     import multicond.nodes.reference as reference_module
 
