@@ -36,7 +36,7 @@ from ..blend import (CROSS_ATTENTION_SHARPNESS, EPSILON_SHARPNESS, Weights, blen
                      latent_weights, layer_weights, rows_of)
 from ..layers import LayerSelection, select_all
 from .dual_style import DualStyleHandle, SecondPrompt, checked_weights
-from .flow_pipeline import flow_family, pack
+from .flow_pipeline import first_call_of_step, flow_family, pack
 from .joint_style import (FlowClock, JointStyleProcessor, dit_layout, install_processors, sd3_joint_output,
                           sd3_joint_qkv)
 from .joint_style_flux import flux_layout, joint_qkv, rotated
@@ -95,12 +95,7 @@ class FlowBlend:
     def cond_rows(self, batch: int) -> tuple[int, int] | None:
         """Where the cond rows start and how many; None for a Flux true-CFG negative call (the step's second)."""
         if self.flux:
-            scheduler = self.pipe.scheduler
-            step = (id(scheduler.timesteps), scheduler.step_index)
-            if step in self.steps_seen:
-                return None
-            self.steps_seen.add(step)
-            return 0, batch
+            return (0, batch) if first_call_of_step(self.pipe, self.steps_seen) else None
         if getattr(self.pipe, "do_classifier_free_guidance", True):  # SD3 under CFG: [uncond, cond]
             if batch % 2:
                 raise ValueError(f"the epsilon blend needs a batch of [uncond, cond] halves, got {batch} rows")

@@ -67,6 +67,17 @@ def latent_size(pipe: DiffusionPipeline, height: int, width: int) -> tuple[int, 
     return height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
 
 
+def first_call_of_step(pipe: DiffusionPipeline, seen: set[tuple[int, Any]]) -> bool:
+    """Whether a transformer call is the first of the scheduler's current step, noting it in `seen`: a Flux true-CFG
+    step calls the transformer a second time, with the negative prompt."""
+    scheduler = pipe.scheduler
+    step = (id(scheduler.timesteps), scheduler.step_index)
+    if step in seen:
+        return False
+    seen.add(step)
+    return True
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) → Flux's tokens (B, h/2·w/2, 4C), row-major, each token its 2x2 patch (FluxPipeline._pack_latents)."""
     batch, channels, height, width = latents.shape

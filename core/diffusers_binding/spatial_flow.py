@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 
 from ..spatial import (CLIP_TOKENS, LATE_FRACTION, SEED_STEP, SEED_WEIGHT, SpatialSettings, centroid_and_variance,
                        image_text_probabilities, joint_guidance_blocks, joint_guidance_loss, joint_object_map)
-from .flow_pipeline import default_flow_size, flow_family
+from .flow_pipeline import default_flow_size, first_call_of_step, flow_family
 from .handle import ProcessorHandle
 from .joint_style import dit_layout, sd3_joint_qkv
 from .joint_style_flux import flux_layout, joint_qkv, rotated
@@ -213,7 +213,7 @@ class FlowGuidance:
     final: list[torch.Tensor] = field(default_factory=list)
     losses: list[list[float] | None] = field(default_factory=list)
     busy: bool = False  # inside the guided call: the hooks leave it alone
-    handled: int = -1  # the step whose first transformer call ran the hooks
+    steps_seen: set[tuple[int, Any]] = field(default_factory=set)  # (schedule, step) pairs whose first call ran
 
     def blocks(self, step: int) -> tuple[int, ...]:
         """The seed's early blocks while (N - i) / N > 0.35, then its late ones."""
@@ -237,9 +237,8 @@ class FlowGuidance:
 
     def before(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # A Flux true-CFG step calls the transformer again with the negative prompt: only the first call is the cond's.
-        if self.busy or self.handled == self.step:
+        if self.busy or not first_call_of_step(self.pipe, self.steps_seen):
             return
-        self.handled = self.step
         rows = self.cond_rows(kwargs["hidden_states"].shape[0])
         self.grid = self.token_grid(kwargs)
         last = self.step == self.steps - 1
