@@ -218,8 +218,8 @@ def restored_override(patched: Any) -> dict:
     node applied since replaced it (see `OverrideGuard`)."""
     options = patched.model_options.setdefault("transformer_options", {})
     guards = patched.get_wrappers(WrappersMP.APPLY_MODEL, OVERRIDE_GUARD_KEY)
-    if guards and not reaches_pack_patch(options.get(OVERRIDE)):
-        options[OVERRIDE] = rebased(guards[-1].chain, options.get(OVERRIDE))
+    if guards:
+        options[OVERRIDE] = guards[-1].kept_on(options.get(OVERRIDE))
     return options
 
 
@@ -261,11 +261,16 @@ class OverrideGuard:
 
     chain: Any  # the override the pack's last DiT node installed
 
+    def kept_on(self, current: Any) -> Any:
+        """`current` when it reaches the pack's patches, else the pack's chain over it."""
+        return current if reaches_pack_patch(current) else rebased(self.chain, current)
+
     def __call__(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
                  transformer_options: dict, **kwargs: Any) -> torch.Tensor:
         current = transformer_options.get(OVERRIDE)
-        if not reaches_pack_patch(current):
-            transformer_options = {**transformer_options, OVERRIDE: rebased(self.chain, current)}
+        kept = self.kept_on(current)
+        if kept is not current:
+            transformer_options = {**transformer_options, OVERRIDE: kept}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
@@ -274,9 +279,7 @@ def effective_override(transformer_options: dict) -> Any:
     reaches none of the pack's patches, what the call's `OverrideGuard` makes of it (for wrappers that run before it)."""
     current = transformer_options.get(OVERRIDE)
     guards = transformer_options.get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}).get(OVERRIDE_GUARD_KEY, [])
-    if guards and not reaches_pack_patch(current):
-        return rebased(guards[-1].chain, current)
-    return current
+    return guards[-1].kept_on(current) if guards else current
 
 
 def first_foreign(patch: Any) -> Any:
